@@ -1,0 +1,152 @@
+"""``adopt_triton.ADOPT``: torch-adopt's optimizer class, run by a fused Triton kernel."""
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from adopt_triton import dispatch
+
+_FLAG_DEFAULTS = dict(maximize=False, foreach=None, capturable=False, differentiable=False,
+                      fused=None)
+
+
+def _check_hyperparameters(group: dict) -> None:
+    """The constructor's validation (SPEC.md), applied to every param group."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= group["eps"]:
+        raise ValueError(f"Invalid epsilon value: {group['eps']}")
+    betas = group["betas"]
+    if len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas} (expected a pair (beta1, beta2))")
+    for index, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
+    if not 0.0 <= group["weight_decay"]:
+        raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+    if group["fused"]:
+        if group["differentiable"]:
+            raise RuntimeError("`fused` does not support `differentiable`")
+        if group["foreach"]:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        for param in group["params"]:
+            dispatch.check_fused_supported(param)
+    if group["capturable"]:
+        raise ValueError("capturable=True is not supported by this version of adopt_triton")
+
+
+class ADOPT(Optimizer):
+    """ADOPT (Taniguchi et al., NeurIPS 2024), a drop-in for torch-adopt's ``adopt.ADOPT``.
+
+    Same constructor, param-group keys, state (``step``, ``exp_avg``,
+    ``exp_avg_sq``) and numbers as torch-adopt 0.1.0; the update of each
+    tensor runs as one fused Triton kernel (one memory pass) where
+    ``fused`` allows it:
+
+    * ``fused=None`` (default): the kernel for CUDA float32/complex64
+      tensors, the eager reference (``adopt_triton.reference``) otherwise.
+    * ``fused=True``: the kernel for every tensor; an error at construction
+      for a tensor it cannot take. CPU tensors run it only under Triton's
+      interpreter (``TRITON_INTERPRET=1``), as the test suite does.
+    * ``fused=False`` or ``differentiable=True``: the eager reference.
+
+    ``clip_lambda(n)`` receives the tensor's step count before this step
+    (1.0 on the first update) and returns the clip value; ``None`` disables
+    clipping (ADOPT without clipping, the paper's Algorithm 1). Like
+    torch-adopt, it is kept on the optimizer, not in ``state_dict``.
+    """
+
+    def __init__(self, params, lr: Union[float, Tensor] = 1e-3,
+                 betas: Tuple[float, float] = (0.9, 0.9999), eps: float = 1e-6,
+                 clip_lambda: Optional[Callable[[float], float]] = lambda step: step**0.25,
+                 weight_decay: float = 0.0, decouple: bool = False, *,
+                 foreach: Optional[bool] = None, maximize: bool = False, capturable: bool = False,
+                 differentiable: bool = False, fused: Optional[bool] = None):
+        if clip_lambda is not None and not callable(clip_lambda):
+            raise ValueError(f"clip_lambda must be None or callable, got {clip_lambda!r}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decouple=decouple,
+                        maximize=maximize, foreach=foreach, capturable=capturable,
+                        differentiable=differentiable, fused=fused)
+        _check_hyperparameters(dict(defaults, params=[]))
+        self.clip_lambda = clip_lambda
+        super().__init__(params, defaults)
+        self.register_load_state_dict_post_hook(ADOPT._steps_to_host)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        try:
+            _check_hyperparameters(self.param_groups[-1])
+        except (ValueError, RuntimeError):
+            self.param_groups.pop()
+            raise
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in _FLAG_DEFAULTS.items():
+                group.setdefault(key, value)
+        ADOPT._steps_to_host(self)
+
+    @staticmethod
+    def _steps_to_host(optimizer: "ADOPT") -> None:
+        """Keep each ``step`` a float32 CPU tensor: the host reads it to pick the
+        first-step kernel and the clip value without a device synchronisation.
+        (``Optimizer.load_state_dict`` moves it to the parameter's device
+        when a group says ``fused``.)"""
+        for state in optimizer.state.values():
+            step = state.get("step")
+            if step is not None:
+                state["step"] = torch.as_tensor(step, dtype=torch.float32, device="cpu").detach()
+
+    def _init_group(self, group_index: int, group: dict):
+        params, grads, exp_avgs, exp_avg_sqs, state_steps = [], [], [], [], []
+        for param_index, param in enumerate(group["params"]):
+            if param.grad is None:
+                continue
+            if param.grad.is_sparse:
+                raise RuntimeError(
+                    "ADOPT does not support sparse gradients (param_groups"
+                    f"[{group_index}]['params'][{param_index}], shape {tuple(param.shape)})")
+            state = self.state[param]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            if group["differentiable"] and state["step"].requires_grad:
+                raise RuntimeError(
+                    "`requires_grad` is not supported for `step` in differentiable mode")
+            params.append(param)
+            grads.append(param.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            state_steps.append(state["step"])
+        dispatch.check(params, grads, exp_avgs, exp_avg_sqs, group["fused"])
+        return params, grads, exp_avgs, exp_avg_sqs, state_steps
+
+    def step(self, closure=None):
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model
+                and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Gather (and check) every group before updating any.
+        work = [(group, self._init_group(i, group)) for i, group in enumerate(self.param_groups)]
+        for group, tensors in work:
+            if not tensors[0]:
+                continue
+            beta1, beta2 = group["betas"]
+            with torch.set_grad_enabled(group["differentiable"]):
+                dispatch.apply(*tensors, fused=False if group["differentiable"] else group["fused"],
+                               lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                               clip_lambda=self.clip_lambda, weight_decay=group["weight_decay"],
+                               decouple=group["decouple"], maximize=group["maximize"])
+        return loss

@@ -1,0 +1,1 @@
+"""Triton kernels of adopt_triton, installed as ``adopt_triton.kernels``."""

@@ -1,0 +1,20 @@
+from setuptools import setup
+
+setup(
+    name="adopt-triton",
+    version="0.1.0",
+    description="The ADOPT optimizer (Taniguchi et al., NeurIPS 2024) with fused Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    # kernels/ is a top-level folder of the repository but ships as
+    # adopt_triton.kernels, so it cannot collide with other distributions.
+    packages=["adopt_triton", "adopt_triton.kernels"],
+    package_dir={"adopt_triton": "adopt_triton", "adopt_triton.kernels": "kernels"},
+    install_requires=["torch>=2.5", "triton"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "numpy", "torch-adopt==0.1.0"],
+        "examples": ["scikit-learn", "tqdm", "matplotlib", "torch-adopt==0.1.0"],
+    },
+)
