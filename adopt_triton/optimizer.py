@@ -9,6 +9,8 @@ from adopt_triton import dispatch
 
 _FLAG_DEFAULTS = dict(maximize=False, foreach=None, capturable=False, differentiable=False,
                       fused=None)
+# How this process runs the update, as opposed to what is being trained.
+_EXECUTION_FLAGS = ("foreach", "fused", "capturable", "differentiable")
 
 
 def _check_hyperparameters(group: dict) -> None:
@@ -74,6 +76,8 @@ class ADOPT(Optimizer):
         _check_hyperparameters(dict(defaults, params=[]))
         self.clip_lambda = clip_lambda
         super().__init__(params, defaults)
+        self.register_state_dict_post_hook(ADOPT._portable_state_dict)
+        self.register_load_state_dict_pre_hook(ADOPT._keep_execution_flags)
         self.register_load_state_dict_post_hook(ADOPT._steps_to_host)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -90,6 +94,26 @@ class ADOPT(Optimizer):
             for key, value in _FLAG_DEFAULTS.items():
                 group.setdefault(key, value)
         ADOPT._steps_to_host(self)
+
+    @staticmethod
+    def _portable_state_dict(optimizer: "ADOPT", state_dict: dict) -> dict:
+        """Record ``fused=True`` as ``fused=None``: torch-adopt raises on
+        ``fused=True``, and a checkpoint should load there too. (Loading into
+        ``adopt_triton.ADOPT`` keeps the loader's own flags anyway.)"""
+        for group in state_dict["param_groups"]:
+            if group.get("fused"):
+                group["fused"] = None
+        return state_dict
+
+    @staticmethod
+    def _keep_execution_flags(optimizer: "ADOPT", state_dict: dict) -> dict:
+        """Keep this optimizer's foreach/fused/capturable/differentiable when
+        loading a checkpoint (``Optimizer.load_state_dict`` would take the
+        checkpoint's): they say how to run on this machine, not what was
+        trained. Hyper-parameters and state come from the checkpoint."""
+        groups = [dict(saved, **{key: group[key] for key in _EXECUTION_FLAGS})
+                  for saved, group in zip(state_dict["param_groups"], optimizer.param_groups)]
+        return dict(state_dict, param_groups=groups + state_dict["param_groups"][len(groups):])
 
     @staticmethod
     def _steps_to_host(optimizer: "ADOPT") -> None:

@@ -1,0 +1,113 @@
+"""state_dict: save, reload and continue exactly; cross-load with torch-adopt both ways."""
+import io
+
+import adopt
+import pytest
+import torch
+
+from adopt_triton import ADOPT
+from harness import assert_bitwise_equal, wide_grad
+
+SHAPES = [(1,), (17,), (6, 11), (2, 3, 5, 4)]
+SAVE_AT, TOTAL = 6, 12
+OPTIONS = dict(lr=1e-2, weight_decay=0.02, decouple=True)
+
+
+def fresh_params(device):
+    gen = torch.Generator().manual_seed(1)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in SHAPES]
+
+
+def gradient_stream(device):
+    gen = torch.Generator().manual_seed(2)
+    return [[(torch.randn(s, generator=gen, dtype=torch.float64)
+              * torch.exp(3 * torch.randn(s, generator=gen, dtype=torch.float64))).float().to(device)
+             for s in SHAPES] for _ in range(TOTAL)]
+
+
+def train(optimizer, params, grads):
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        optimizer.step()
+
+
+def through_disk(state_dict):
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def make(kind, params, device):
+    if kind == "ours":
+        return ADOPT(params, fused=True, **OPTIONS)
+    return adopt.ADOPT(params, foreach=False, **OPTIONS)
+
+
+def resumed_run(first, second, device):
+    """Train with `first` for SAVE_AT steps, checkpoint (params + optimizer)
+    through torch.save/torch.load(weights_only=True), rebuild with `second`
+    from scratch, load, and train on to TOTAL steps."""
+    grads = gradient_stream(device)
+    params = fresh_params(device)
+    opt = make(first, params, device)
+    train(opt, params, grads[:SAVE_AT])
+    checkpoint = through_disk({"params": [p.detach() for p in params], "optimizer": opt.state_dict()})
+    params = fresh_params(device)
+    with torch.no_grad():
+        for p, saved in zip(params, checkpoint["params"]):
+            p.copy_(saved)
+    opt = make(second, params, device)
+    opt.load_state_dict(checkpoint["optimizer"])
+    train(opt, params, grads[SAVE_AT:])
+    return params, opt
+
+
+def uninterrupted_run(kind, device):
+    params = fresh_params(device)
+    opt = make(kind, params, device)
+    train(opt, params, gradient_stream(device))
+    return params, opt
+
+
+def test_resume_from_checkpoint_is_identical_to_the_uninterrupted_run(kernel_device):
+    resumed, resumed_opt = resumed_run("ours", "ours", kernel_device)
+    straight, straight_opt = uninterrupted_run("ours", kernel_device)
+    for a, b in zip(resumed, straight):
+        assert_bitwise_equal(a, b, "param")
+        sa, sb = resumed_opt.state[a], straight_opt.state[b]
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert_bitwise_equal(sa[key], sb[key], key)
+        assert sa["step"].device.type == "cpu" and sa["step"].dtype == torch.float32
+    assert resumed_opt.param_groups[0]["fused"] is True
+
+
+@pytest.mark.parametrize("first,second", [("torch_adopt", "ours"), ("ours", "torch_adopt")])
+def test_cross_load_with_torch_adopt_continues_identically(kernel_device, first, second):
+    """A checkpoint moves between torch-adopt and adopt_triton and training
+    goes on as if it had never moved (float32 tolerance: the two differ by
+    torch-adopt's CPU sqrt rounding)."""
+    resumed, resumed_opt = resumed_run(first, second, kernel_device)
+    straight, straight_opt = uninterrupted_run(first, kernel_device)
+    if second == "ours":  # the loader's own flags survive the load: the kernel ran
+        assert resumed_opt.param_groups[0]["fused"] is True
+    for a, b in zip(resumed, straight):
+        torch.testing.assert_close(a, b)
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(resumed_opt.state[a][key], straight_opt.state[b][key])
+
+
+def test_state_dict_layout_is_torch_adopts():
+    ours_params, theirs_params = fresh_params("cpu"), fresh_params("cpu")
+    ours, theirs = ADOPT(ours_params, **OPTIONS), adopt.ADOPT(theirs_params, **OPTIONS)
+    grads = gradient_stream("cpu")[:2]
+    train(ours, ours_params, grads)
+    train(theirs, theirs_params, grads)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for index in b["state"]:
+        assert a["state"][index].keys() == b["state"][index].keys()
+        for key, value in b["state"][index].items():
+            assert (a["state"][index][key].dtype, a["state"][index][key].shape) == (value.dtype, value.shape)
