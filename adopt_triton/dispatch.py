@@ -1,11 +1,11 @@
-"""Choosing between the fused Triton kernel and the eager reference, and
-feeding the kernel tensors it can update in place."""
-from typing import Callable, List, Optional, Tuple
+"""Which implementation updates which tensor, and the checks before any update."""
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
 
 from adopt_triton import reference
+from adopt_triton.fused import fused_adopt
 from adopt_triton.kernels import adopt as kernel
 
 FUSED_DTYPES = (torch.float32, torch.complex64)
@@ -38,79 +38,12 @@ def use_fused(fused: Optional[bool], param: Tensor) -> bool:
     return fused
 
 
-def _dense_strides(t: Tensor) -> Optional[Tuple[int, ...]]:
-    """The strides of ``t``'s non-singleton dims if ``t`` covers its memory
-    span exactly once (non-overlapping and dense, any dim order), else None.
-    Two tensors of one shape with equal results have the same memory layout."""
-    strides = tuple(st for size, st in zip(t.shape, t.stride()) if size != 1)
-    expected = 1
-    for stride, size in sorted((st, size) for size, st in zip(t.shape, t.stride()) if size != 1):
-        if stride != expected:
-            return None
-        expected *= size
-    return strides
-
-
-def _kernel_operands(param: Tensor, grad: Tensor, exp_avg: Tensor,
-                     exp_avg_sq: Tensor) -> Tuple[List[Tensor], List[Tuple[Tensor, Tensor]]]:
-    """Real tensors sharing one dense layout for the kernel, and the
-    (original, staged) pairs to copy back after it ran.
-
-    Tensors whose layout already matches a dense ``param`` (the usual case,
-    channels_last included) are passed as they are and updated in place.
-    Any other tensor (a non-dense view, a gradient or state with other
-    strides) is staged into a dense copy, and mutated ones are copied back.
-    """
-    tensors = [torch.view_as_real(t) if t.is_complex() else t
-               for t in (param, grad, exp_avg, exp_avg_sq)]
-    layout = tensors[0]
-    if _dense_strides(layout) is None:
-        layout = torch.empty_like(layout, memory_format=torch.contiguous_format)
-    layout_strides = _dense_strides(layout)
-    operands, write_back = [], []
-    for i, t in enumerate(tensors):
-        if _dense_strides(t) == layout_strides:
-            operands.append(t)
-        else:
-            staged = torch.empty_like(layout).copy_(t)
-            operands.append(staged)
-            if i != 1:  # the gradient is only read
-                write_back.append((t, staged))
-    return operands, write_back
-
-
 def _check_operands(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
     for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         if t.shape != param.shape or t.dtype != param.dtype or t.device != param.device:
             raise RuntimeError(
                 f"ADOPT: {name} ({tuple(t.shape)}, {t.dtype}, {t.device}) does not match its "
                 f"parameter ({tuple(param.shape)}, {param.dtype}, {param.device})")
-
-
-def _fused_adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
-                 exp_avg_sqs: List[Tensor], state_steps: List[Tensor], *, lr: float,
-                 beta1: float, beta2: float, eps: float,
-                 clip_lambda: Optional[Callable[[float], float]], weight_decay: float,
-                 decouple: bool, maximize: bool) -> None:
-    if weight_decay == 0:
-        weight_decay_mode = kernel.NO_WEIGHT_DECAY
-    else:
-        weight_decay_mode = kernel.DECOUPLED_WEIGHT_DECAY if decouple else kernel.COUPLED_WEIGHT_DECAY
-    lr = float(lr)
-    scalars_by_step = {}
-    for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs,
-                                                        state_steps):
-        n = float(step_t)  # a CPU tensor: no device synchronisation
-        if n not in scalars_by_step:  # the clip value depends on each tensor's own step
-            clip = clip_lambda(n) if clip_lambda is not None and n != 0 else 0.0
-            scalars_by_step[n] = kernel.StepScalars.make(
-                lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, clip=clip)
-        operands, write_back = _kernel_operands(param, grad, exp_avg, exp_avg_sq)
-        kernel.adopt_step_(*operands, scalars_by_step[n], first_step=n == 0, maximize=maximize,
-                           weight_decay_mode=weight_decay_mode, clip=clip_lambda is not None)
-        for original, staged in write_back:
-            original.copy_(staged)
-        step_t += 1
 
 
 def check(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
@@ -122,26 +55,40 @@ def check(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
             check_fused_supported(param)
 
 
+def _eager_adopt(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, grad_scale=None,
+                 found_inf=None, plans=None, **hyperparameters) -> None:
+    """The reference, with GradScaler's unscale-and-skip done eagerly (this
+    reads found_inf on the host, as GradScaler does for unfused optimizers)."""
+    if found_inf is not None and float(found_inf) != 0:
+        return
+    if grad_scale is not None:
+        grads = [g / grad_scale.to(g.device) for g in grads]
+    reference.adopt(params, grads, exp_avgs, exp_avg_sqs, state_steps, **hyperparameters)
+
+
 def apply(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
           exp_avg_sqs: List[Tensor], state_steps: List[Tensor], *, fused: Optional[bool],
-          **hyperparameters) -> None:
+          **options) -> None:
     """One ADOPT step over checked lists of tensors: each tensor goes to the
     fused kernel or to the eager reference as ``use_fused`` decides."""
     lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
     fused_mask = [use_fused(fused, p) for p in params]
-    for implementation, wanted in ((_fused_adopt, True), (reference.adopt, False)):
+    for implementation, wanted in ((fused_adopt, True), (_eager_adopt, False)):
         selected = [[t for t, f in zip(lst, fused_mask) if f == wanted] for lst in lists]
         if selected[0]:
-            implementation(*selected, **hyperparameters)
+            implementation(*selected, **options)
 
 
 def adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
           exp_avg_sqs: List[Tensor], state_steps: List[Tensor], *, fused: Optional[bool] = None,
-          lr: float, beta1: float, beta2: float, eps: float,
-          clip_lambda: Optional[Callable[[float], float]], weight_decay: float, decouple: bool,
-          maximize: bool) -> None:
-    """Functional ADOPT: ``check`` then ``apply``."""
+          lr, beta1: float, beta2: float, eps: float, clip_lambda: Optional[Callable],
+          weight_decay: float, decouple: bool, maximize: bool,
+          grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+          plans: Optional[Dict] = None) -> None:
+    """Functional ADOPT: ``check`` then ``apply``. Step counts of tensors on
+    the fused path must be float32 tensors on their parameter's device."""
     check(params, grads, exp_avgs, exp_avg_sqs, fused)
     apply(params, grads, exp_avgs, exp_avg_sqs, state_steps, fused=fused, lr=lr, beta1=beta1,
           beta2=beta2, eps=eps, clip_lambda=clip_lambda, weight_decay=weight_decay,
-          decouple=decouple, maximize=maximize)
+          decouple=decouple, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
+          plans=plans)

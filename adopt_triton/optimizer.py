@@ -6,6 +6,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from adopt_triton import dispatch
+from adopt_triton.reference import default_clip_lambda
 
 _FLAG_DEFAULTS = dict(maximize=False, foreach=None, capturable=False, differentiable=False,
                       fused=None)
@@ -62,9 +63,14 @@ class ADOPT(Optimizer):
     torch-adopt, it is kept on the optimizer, not in ``state_dict``.
     """
 
+    # GradScaler hands this optimizer `grad_scale` and `found_inf` instead of
+    # unscaling the gradients itself: the kernel unscales in registers and
+    # skips the step on the device when found_inf is set.
+    _step_supports_amp_scaling = True
+
     def __init__(self, params, lr: Union[float, Tensor] = 1e-3,
                  betas: Tuple[float, float] = (0.9, 0.9999), eps: float = 1e-6,
-                 clip_lambda: Optional[Callable[[float], float]] = lambda step: step**0.25,
+                 clip_lambda: Optional[Callable[[float], float]] = default_clip_lambda,
                  weight_decay: float = 0.0, decouple: bool = False, *,
                  foreach: Optional[bool] = None, maximize: bool = False, capturable: bool = False,
                  differentiable: bool = False, fused: Optional[bool] = None):
@@ -78,7 +84,8 @@ class ADOPT(Optimizer):
         super().__init__(params, defaults)
         self.register_state_dict_post_hook(ADOPT._portable_state_dict)
         self.register_load_state_dict_pre_hook(ADOPT._keep_execution_flags)
-        self.register_load_state_dict_post_hook(ADOPT._steps_to_host)
+        self.register_load_state_dict_post_hook(ADOPT._place_steps)
+        self._launch_plans = {}  # group index -> the fused kernel's cached launch tables
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -93,7 +100,8 @@ class ADOPT(Optimizer):
         for group in self.param_groups:
             for key, value in _FLAG_DEFAULTS.items():
                 group.setdefault(key, value)
-        ADOPT._steps_to_host(self)
+        self._launch_plans = {}
+        ADOPT._place_steps(self)
 
     @staticmethod
     def _portable_state_dict(optimizer: "ADOPT", state_dict: dict) -> dict:
@@ -116,15 +124,23 @@ class ADOPT(Optimizer):
         return dict(state_dict, param_groups=groups + state_dict["param_groups"][len(groups):])
 
     @staticmethod
-    def _steps_to_host(optimizer: "ADOPT") -> None:
-        """Keep each ``step`` a float32 CPU tensor: the host reads it to pick the
-        first-step kernel and the clip value without a device synchronisation.
-        (``Optimizer.load_state_dict`` moves it to the parameter's device
-        when a group says ``fused``.)"""
-        for state in optimizer.state.values():
-            step = state.get("step")
-            if step is not None:
-                state["step"] = torch.as_tensor(step, dtype=torch.float32, device="cpu").detach()
+    def _step_device(group: dict, param: Tensor) -> torch.device:
+        """Where ``param``'s step count lives: on its device when the fused
+        kernel updates it (the kernel reads it there, no host sync), else on
+        the CPU (the eager path reads it on the host)."""
+        fused = False if group["differentiable"] else group["fused"]
+        return param.device if dispatch.use_fused(fused, param) else torch.device("cpu")
+
+    @staticmethod
+    def _place_steps(optimizer: "ADOPT") -> None:
+        """Put every ``step`` where ``_step_device`` says, as a float32 scalar
+        (checkpoints may bring it from elsewhere)."""
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                state = optimizer.state.get(param, {})
+                if "step" in state:
+                    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).detach().to(
+                        ADOPT._step_device(group, param))
 
     def _init_group(self, group_index: int, group: dict):
         params, grads, exp_avgs, exp_avg_sqs, state_steps = [], [], [], [], []
@@ -137,7 +153,8 @@ class ADOPT(Optimizer):
                     f"[{group_index}]['params'][{param_index}], shape {tuple(param.shape)})")
             state = self.state[param]
             if len(state) == 0:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["step"] = torch.zeros((), dtype=torch.float32,
+                                            device=ADOPT._step_device(group, param))
                 state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             if group["differentiable"] and state["step"].requires_grad:
@@ -163,8 +180,8 @@ class ADOPT(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # Gather (and check) every group before updating any.
-        work = [(group, self._init_group(i, group)) for i, group in enumerate(self.param_groups)]
-        for group, tensors in work:
+        work = [(i, group, self._init_group(i, group)) for i, group in enumerate(self.param_groups)]
+        for index, group, tensors in work:
             if not tensors[0]:
                 continue
             beta1, beta2 = group["betas"]
@@ -172,5 +189,8 @@ class ADOPT(Optimizer):
                 dispatch.apply(*tensors, fused=False if group["differentiable"] else group["fused"],
                                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                                clip_lambda=self.clip_lambda, weight_decay=group["weight_decay"],
-                               decouple=group["decouple"], maximize=group["maximize"])
+                               decouple=group["decouple"], maximize=group["maximize"],
+                               grad_scale=getattr(self, "grad_scale", None),
+                               found_inf=getattr(self, "found_inf", None),
+                               plans=self._launch_plans.setdefault(index, {}))
         return loss

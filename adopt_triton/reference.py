@@ -24,6 +24,11 @@ import torch
 from torch import Tensor
 
 
+def default_clip_lambda(step):
+    """The clip schedule of torch-adopt and of the paper's Algorithm 2: n ** 0.25."""
+    return step**0.25
+
+
 def adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
           exp_avg_sqs: List[Tensor], state_steps: List[Tensor], *, lr: float, beta1: float,
           beta2: float, eps: float, clip_lambda: Optional[Callable[[float], float]],

@@ -1,10 +1,19 @@
-"""The fused ADOPT update: one Triton kernel, one memory pass per tensor.
+"""The fused ADOPT update: one Triton kernel, one memory pass, one launch for
+any number of tensors.
 
 Per element the update case reads p, g, m, v once and writes p, m, v once
 (28 bytes per fp32 element); the first-step case reads g (and p for coupled
 weight decay) and writes v only (8 bytes). Variants are ``tl.constexpr`` flags
 on the one body in ``_adopt_elementwise``; hyper-parameters are runtime
-arguments, so a learning-rate schedule never recompiles.
+arguments (or device tensors), so a learning-rate schedule never recompiles.
+
+One launch covers a list of tensors of one device and dtype. Every tensor is
+cut into blocks of ``BLOCK_SIZE`` elements; program ``pid`` looks up its
+tensor in ``block_tensor`` and that tensor's row in ``meta`` (first block,
+numel, addresses of p, g, m, v and of its step count). Each tensor's own step
+count n, read on the device, picks its first-step or update case and its clip
+value, so tensors whose first gradient came late are right, and no host
+synchronisation is needed (CUDA graphs).
 
 Numerics follow ``adopt_triton.reference`` operation for operation: the same
 fused multiply-adds (``tl.fma`` where ATen's vectorised CPU kernels use one),
@@ -15,12 +24,20 @@ kernel is bit-exact to the reference on the CPU interpreter and on the GPU.
 import struct
 from typing import NamedTuple
 
+import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 # Weight-decay modes (the WEIGHT_DECAY constexpr).
 NO_WEIGHT_DECAY, COUPLED_WEIGHT_DECAY, DECOUPLED_WEIGHT_DECAY = 0, 1, 2
+# Clip modes (the CLIP constexpr): none, the default n ** 0.25 computed in the
+# kernel, or one value per tensor from a device array.
+NO_CLIP, DEFAULT_CLIP, CLIP_PER_TENSOR = 0, 1, 2
+# Columns of a tensor's row in the metadata table (see make_plan).
+(META_FIRST_BLOCK, META_NUMEL, META_PARAM, META_GRAD, META_EXP_AVG, META_EXP_AVG_SQ,
+ META_STEP) = map(tl.constexpr, range(7))
+META_COLUMNS = tl.constexpr(7)
 
 _PROPAGATE_NAN = tl.PropagateNan.ALL
 
@@ -28,10 +45,12 @@ _PROPAGATE_NAN = tl.PropagateNan.ALL
 @triton.jit
 def _adopt_elementwise(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, mask,
                        neg_lr, weight_decay, neg_lr_weight_decay, lerp_coeff, lerp_from_end,
-                       beta2, one_minus_beta2, eps, clip,
+                       beta2, one_minus_beta2, eps, clip, grad_scale,
                        FIRST_STEP: tl.constexpr, MAXIMIZE: tl.constexpr,
-                       WEIGHT_DECAY: tl.constexpr, CLIP: tl.constexpr):
+                       WEIGHT_DECAY: tl.constexpr, CLIP: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
     grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+    if HAS_GRAD_SCALE:  # GradScaler: unscale in registers, nothing written back
+        grad = tl.div_rn(grad, grad_scale)
     if MAXIMIZE:
         grad = -grad
     if (not FIRST_STEP) or (WEIGHT_DECAY == 1):
@@ -49,7 +68,7 @@ def _adopt_elementwise(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets
         # Delayed v: normalise by the v of the previous step, then update v last.
         denom = tl.maximum(tl.sqrt_rn(exp_avg_sq), eps, propagate_nan=_PROPAGATE_NAN)
         update = tl.div_rn(grad, denom)
-        if CLIP:
+        if CLIP != 0:
             update = tl.clamp(update, -clip, clip, propagate_nan=_PROPAGATE_NAN)
         # torch.lerp: m + w * (u - m) for w < 0.5, else u + (w - 1) * (u - m).
         exp_avg = tl.fma(lerp_coeff, update - exp_avg, tl.where(lerp_from_end != 0, update, exp_avg))
@@ -61,17 +80,49 @@ def _adopt_elementwise(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets
 
 
 @triton.jit
-def _adopt_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, n_elements,
+def _adopt_kernel(meta_ptr, block_tensor_ptr, lr_ptr, clip_ptr, grad_scale_ptr, found_inf_ptr,
                   neg_lr, weight_decay, neg_lr_weight_decay, lerp_coeff, lerp_from_end,
-                  beta2, one_minus_beta2, eps, clip,
-                  FIRST_STEP: tl.constexpr, MAXIMIZE: tl.constexpr,
-                  WEIGHT_DECAY: tl.constexpr, CLIP: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    # int64 before any offset arithmetic: tensors may exceed 2**31 elements.
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    _adopt_elementwise(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, offsets < n_elements,
-                       neg_lr, weight_decay, neg_lr_weight_decay, lerp_coeff, lerp_from_end,
-                       beta2, one_minus_beta2, eps, clip,
-                       FIRST_STEP, MAXIMIZE, WEIGHT_DECAY, CLIP)
+                  beta2, one_minus_beta2, eps,
+                  DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+                  CLIP: tl.constexpr, LR_ON_DEVICE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                  HAS_FOUND_INF: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    tensor = tl.load(block_tensor_ptr + pid).to(tl.int64)
+    row = meta_ptr + tensor * META_COLUMNS
+    # int64 offsets: a tensor may exceed 2**31 elements.
+    offsets = (pid - tl.load(row + META_FIRST_BLOCK)) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offsets < tl.load(row + META_NUMEL)
+    param_ptr = tl.load(row + META_PARAM).to(tl.pointer_type(DTYPE))
+    grad_ptr = tl.load(row + META_GRAD).to(tl.pointer_type(DTYPE))
+    exp_avg_ptr = tl.load(row + META_EXP_AVG).to(tl.pointer_type(DTYPE))
+    exp_avg_sq_ptr = tl.load(row + META_EXP_AVG_SQ).to(tl.pointer_type(DTYPE))
+    step = tl.load(tl.load(row + META_STEP).to(tl.pointer_type(tl.float32)))
+    if LR_ON_DEVICE:  # as torch-adopt computes with a tensor lr: -(lr * wd) in float32
+        lr = tl.load(lr_ptr).to(tl.float32)
+        neg_lr = -lr
+        neg_lr_weight_decay = -(lr * weight_decay)
+    grad_scale = 1.0
+    if HAS_GRAD_SCALE:
+        grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
+    found_inf = 0.0
+    if HAS_FOUND_INF:  # GradScaler saw an inf/NaN: leave everything untouched
+        found_inf = tl.load(found_inf_ptr).to(tl.float32)
+    if found_inf == 0:
+        if step == 0:
+            _adopt_elementwise(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, mask,
+                               neg_lr, weight_decay, neg_lr_weight_decay, lerp_coeff, lerp_from_end,
+                               beta2, one_minus_beta2, eps, 0.0, grad_scale,
+                               True, MAXIMIZE, WEIGHT_DECAY, CLIP, HAS_GRAD_SCALE)
+        else:
+            clip = 0.0
+            if CLIP == 1:  # n ** 0.25 in float64, rounded once, like the host's clip_lambda(n)
+                clip = tl.sqrt(tl.sqrt(step.to(tl.float64))).to(tl.float32)
+            if CLIP == 2:
+                clip = tl.load(clip_ptr + tensor).to(tl.float32)
+            _adopt_elementwise(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, mask,
+                               neg_lr, weight_decay, neg_lr_weight_decay, lerp_coeff, lerp_from_end,
+                               beta2, one_minus_beta2, eps, clip, grad_scale,
+                               False, MAXIMIZE, WEIGHT_DECAY, CLIP, HAS_GRAD_SCALE)
 
 
 INTERPRETED = isinstance(_adopt_kernel, InterpretedFunction)
@@ -82,10 +133,15 @@ on the CPU through Triton's interpreter (CPU tensors allowed)."""
 # block size changes nothing in the arithmetic.
 BLOCK_SIZE, NUM_WARPS = (1 << 15, 1) if INTERPRETED else (2048, 8)
 
+_TRITON_DTYPES = {torch.float32: tl.float32}
+
 
 def _f32(x: float) -> float:
     """Round a Python float (float64) to the nearest float32, kept as a Python float."""
-    return struct.unpack("f", struct.pack("f", x))[0]
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:  # rounds beyond the largest float32
+        return float("inf") if x > 0 else float("-inf")
 
 
 class StepScalars(NamedTuple):
@@ -99,32 +155,59 @@ class StepScalars(NamedTuple):
     beta2: float
     one_minus_beta2: float
     eps: float
-    clip: float
 
     @classmethod
-    def make(cls, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-             clip: float) -> "StepScalars":
+    def make(cls, *, lr: float, beta1: float, beta2: float, eps: float,
+             weight_decay: float) -> "StepScalars":
         weight = _f32(1.0 - beta1)  # torch.lerp's scalar weight
         from_end = not abs(weight) < 0.5
         return cls(neg_lr=_f32(-lr), weight_decay=_f32(weight_decay),
                    neg_lr_weight_decay=_f32(-lr * weight_decay),
                    lerp_coeff=weight - 1.0 if from_end else weight,  # exact in float32
                    lerp_from_end=int(from_end), beta2=_f32(beta2), one_minus_beta2=_f32(1.0 - beta2),
-                   eps=_f32(eps), clip=_f32(clip))
+                   eps=_f32(eps))
 
 
-def adopt_step_(param, grad, exp_avg, exp_avg_sq, scalars: StepScalars, *,
-                first_step: bool, maximize: bool, weight_decay_mode: int, clip: bool) -> None:
-    """Apply one ADOPT step in place with one kernel launch.
+class LaunchPlan(NamedTuple):
+    """The device-side tables of one launch over a list of tensors."""
+    key: tuple
+    meta: torch.Tensor          # int64 [n_tensors, META_COLUMNS]
+    block_tensor: torch.Tensor  # int32 [n_blocks]: the tensor each program updates
 
-    All four tensors are real, float32, and share one dense memory layout
-    (same shape and strides, non-overlapping): the kernel walks their storage
-    as one flat array. ``adopt_triton.dispatch`` ensures this.
+
+def plan_key(params, grads, exp_avgs, exp_avg_sqs, steps) -> tuple:
+    """What a plan depends on: every address and size. Equal keys, same plan."""
+    return tuple((p.numel(), p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), s.data_ptr())
+                 for p, g, m, v, s in zip(params, grads, exp_avgs, exp_avg_sqs, steps))
+
+
+def make_plan(key: tuple, device: torch.device) -> LaunchPlan:
+    """Build the tables for ``key`` (from ``plan_key``); two host-to-device copies."""
+    numels = torch.tensor([row[0] for row in key], dtype=torch.int64)
+    n_blocks = (numels + BLOCK_SIZE - 1) // BLOCK_SIZE
+    first_block = torch.cumsum(n_blocks, 0) - n_blocks
+    addresses = torch.tensor([row[1:] for row in key], dtype=torch.int64).reshape(-1, 5)
+    meta = torch.cat([first_block[:, None], numels[:, None], addresses], dim=1)
+    block_tensor = torch.repeat_interleave(torch.arange(len(key), dtype=torch.int32), n_blocks)
+    return LaunchPlan(key, meta.to(device), block_tensor.to(device))
+
+
+def adopt_step_(plan: LaunchPlan, dtype: torch.dtype, scalars: StepScalars, *, lr_tensor=None,
+                clip_mode: int, clip_values=None, grad_scale=None, found_inf=None,
+                maximize: bool, weight_decay_mode: int) -> None:
+    """One ADOPT step, in place, for every tensor of ``plan``: one launch.
+
+    The tensors of a plan are real, of ``dtype``, each a dense array (all four
+    of a parameter with one layout); step counts are float32 on the device;
+    ``adopt_triton.fused`` ensures this. ``lr_tensor``, ``clip_values`` (one
+    per tensor), ``grad_scale`` and ``found_inf`` are optional device tensors.
+    Step counts are not incremented here.
     """
-    n_elements = param.numel()
-    if n_elements == 0:
+    n_blocks = plan.block_tensor.numel()
+    if n_blocks == 0:
         return
-    grid = (triton.cdiv(n_elements, BLOCK_SIZE),)
-    _adopt_kernel[grid](param, grad, exp_avg, exp_avg_sq, n_elements, *scalars,
-                        FIRST_STEP=first_step, MAXIMIZE=maximize, WEIGHT_DECAY=weight_decay_mode,
-                        CLIP=clip, BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS)
+    _adopt_kernel[(n_blocks,)](
+        plan.meta, plan.block_tensor, lr_tensor, clip_values, grad_scale, found_inf, *scalars,
+        DTYPE=_TRITON_DTYPES[dtype], MAXIMIZE=maximize, WEIGHT_DECAY=weight_decay_mode,
+        CLIP=clip_mode, LR_ON_DEVICE=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
+        HAS_FOUND_INF=found_inf is not None, BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS)

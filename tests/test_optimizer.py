@@ -9,7 +9,8 @@ import adopt
 import pytest
 import torch
 
-from adopt_triton import ADOPT, dispatch, reference
+from adopt_triton import ADOPT, reference
+from adopt_triton.kernels import adopt as kernel
 from harness import assert_bitwise_equal, wide_grad
 
 
@@ -19,14 +20,14 @@ def params_of(*shapes, device="cpu", dtype=torch.float32):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Counts launches of the fused kernel."""
+    """Records each launch of the fused kernel as the tuple of its tensors' sizes."""
     calls = []
-    launch = dispatch.kernel.adopt_step_
+    launch = kernel.adopt_step_
 
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape)
-        return launch(*args, **kwargs)
-    monkeypatch.setattr(dispatch.kernel, "adopt_step_", counting)
+    def counting(plan, *args, **kwargs):
+        calls.append(tuple(row[0] for row in plan.key))
+        return launch(plan, *args, **kwargs)
+    monkeypatch.setattr(kernel, "adopt_step_", counting)
     return calls
 
 
@@ -142,7 +143,7 @@ def test_fused_none_on_cpu_is_eager_and_fused_true_launches_the_kernel(kernel_de
         for p in params:
             p.grad = torch.randn_like(p)
         opt.step()
-    assert launches == [(5,), (9,), (5,), (9,)]
+    assert launches == [(5, 9), (5, 9)]  # one launch per step for both tensors
 
 
 def test_differentiable_runs_the_eager_reference_under_autograd(launches):
@@ -190,13 +191,17 @@ def test_zero_sized_and_single_element_params(kernel_device):
     assert params[1].isfinite().all()
 
 
-def test_step_state_is_a_float32_cpu_scalar(kernel_device):
+@pytest.mark.parametrize("fused", [True, False])
+def test_step_is_a_float32_scalar_where_its_path_reads_it(kernel_device, fused):
+    """The fused path keeps step on the param's device (read by the kernel,
+    no host sync); the eager path keeps it on the CPU (read by the host)."""
     param = params_of(3, device=kernel_device)[0]
-    opt = ADOPT([param], fused=True)
+    opt = ADOPT([param], fused=fused)
     param.grad = torch.randn_like(param)
     opt.step()
     step = opt.state[param]["step"]
-    assert step.dtype == torch.float32 and step.dim() == 0 and step.device.type == "cpu"
+    assert step.dtype == torch.float32 and step.dim() == 0 and float(step) == 1
+    assert step.device.type == (kernel_device if fused else "cpu")
     assert opt.state[param]["exp_avg"].device == param.device
 
 
