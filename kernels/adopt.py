@@ -131,7 +131,7 @@ on the CPU through Triton's interpreter (CPU tensors allowed)."""
 
 # The interpreter pays ~1 ms per program, so it gets few, large blocks; the
 # block size changes nothing in the arithmetic.
-BLOCK_SIZE, NUM_WARPS = (1 << 15, 1) if INTERPRETED else (2048, 8)
+BLOCK_SIZE, NUM_WARPS = (1 << 12, 1) if INTERPRETED else (2048, 8)
 
 _TRITON_DTYPES = {torch.float32: tl.float32}
 
