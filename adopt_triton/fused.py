@@ -107,6 +107,11 @@ def fused_adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor
         key = kernel.plan_key(*tensors)
         plan = plans.get((device, dtype))
         if plan is None or plan.key != key:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    "ADOPT: the tensors changed (new parameters, gradients or state) while a CUDA "
+                    "graph is being captured, and the kernel's launch tables cannot be rebuilt "
+                    "during capture: run step() once on these exact tensors before capturing")
             plan = plans[device, dtype] = kernel.make_plan(key, device)
         lr_tensor = lr if torch.is_tensor(lr) and lr.device == device else None  # read in the kernel
         scalars = kernel.StepScalars.make(lr=0.0 if lr_tensor is not None else float(lr), beta1=beta1,

@@ -39,7 +39,16 @@ def _check_hyperparameters(group: dict) -> None:
         for param in group["params"]:
             dispatch.check_fused_supported(param)
     if group["capturable"]:
-        raise ValueError("capturable=True is not supported by this version of adopt_triton")
+        if group["differentiable"] or group["foreach"] or group["fused"] is False:
+            raise ValueError("capturable=True runs on the fused kernel: it cannot be combined with "
+                             "fused=False, foreach=True or differentiable=True")
+        for param in group["params"]:
+            if not dispatch.use_fused(group["fused"], param):
+                reason = dispatch.fused_unsupported_reason(param) or (
+                    "fused=None updates CPU tensors eagerly (fused=True runs the kernel on them "
+                    "under TRITON_INTERPRET=1)")
+                raise RuntimeError(f"ADOPT(capturable=True) needs the fused kernel for every "
+                                   f"parameter: {reason}")
 
 
 class ADOPT(Optimizer):
@@ -175,6 +184,10 @@ class ADOPT(Optimizer):
             closure (Callable, optional): A closure that reevaluates the model
                 and returns the loss.
         """
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing() and not all(
+                group["capturable"] for group in self.param_groups):
+            raise RuntimeError("Attempting CUDA graph capture of step() for an instance of ADOPT "
+                               "but param_groups' capturable is False.")
         loss = None
         if closure is not None:
             with torch.enable_grad():

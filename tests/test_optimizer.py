@@ -45,7 +45,8 @@ def launches(monkeypatch):
     (dict(betas=(0.9,)), r"Invalid betas: \(0.9,\)"),
     (dict(weight_decay=-0.5), "Invalid weight_decay value: -0.5"),
     (dict(clip_lambda=0.25), "clip_lambda must be None or callable, got 0.25"),
-    (dict(capturable=True), "capturable=True is not supported"),
+    (dict(capturable=True, fused=False), "capturable=True runs on the fused kernel"),
+    (dict(capturable=True, foreach=True), "capturable=True runs on the fused kernel"),
 ])
 def test_constructor_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
