@@ -5,6 +5,7 @@ import torch
 from torch import Tensor
 
 from adopt_triton import reference
+from adopt_triton.foreach import foreach_adopt
 from adopt_triton.fused import fused_adopt
 from adopt_triton.kernels import adopt as kernel
 
@@ -55,40 +56,47 @@ def check(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
             check_fused_supported(param)
 
 
-def _eager_adopt(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, grad_scale=None,
-                 found_inf=None, plans=None, **hyperparameters) -> None:
-    """The reference, with GradScaler's unscale-and-skip done eagerly (this
-    reads found_inf on the host, as GradScaler does for unfused optimizers)."""
+def _eager_adopt(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, foreach: Optional[bool],
+                 grad_scale=None, found_inf=None, plans=None, **hyperparameters) -> None:
+    """The eager paths: ``foreach_adopt`` unless ``foreach=False`` (then the
+    single-tensor reference). foreach=None picks foreach: on this project's
+    CPU benchmark it was 1.1-5.5x faster for 1 to 1000 tensors of 64 to 2**24
+    elements (bench/eager_cpu.py). GradScaler's unscale-and-skip is done
+    eagerly here (reading found_inf on the host, as GradScaler itself does
+    for unfused optimizers)."""
     if found_inf is not None and float(found_inf) != 0:
         return
     if grad_scale is not None:
         grads = [g / grad_scale.to(g.device) for g in grads]
-    reference.adopt(params, grads, exp_avgs, exp_avg_sqs, state_steps, **hyperparameters)
+    implementation = reference.adopt if foreach is False else foreach_adopt
+    implementation(params, grads, exp_avgs, exp_avg_sqs, state_steps, **hyperparameters)
 
 
 def apply(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
           exp_avg_sqs: List[Tensor], state_steps: List[Tensor], *, fused: Optional[bool],
-          **options) -> None:
+          foreach: Optional[bool] = None, **options) -> None:
     """One ADOPT step over checked lists of tensors: each tensor goes to the
-    fused kernel or to the eager reference as ``use_fused`` decides."""
+    fused kernel (as ``use_fused`` decides) or to an eager path."""
     lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
     fused_mask = [use_fused(fused, p) for p in params]
-    for implementation, wanted in ((fused_adopt, True), (_eager_adopt, False)):
+    for wanted in (True, False):
         selected = [[t for t, f in zip(lst, fused_mask) if f == wanted] for lst in lists]
-        if selected[0]:
-            implementation(*selected, **options)
+        if selected[0] and wanted:
+            fused_adopt(*selected, **options)
+        elif selected[0]:
+            _eager_adopt(*selected, foreach=foreach, **options)
 
 
 def adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
           exp_avg_sqs: List[Tensor], state_steps: List[Tensor], *, fused: Optional[bool] = None,
-          lr, beta1: float, beta2: float, eps: float, clip_lambda: Optional[Callable],
-          weight_decay: float, decouple: bool, maximize: bool,
+          foreach: Optional[bool] = None, lr, beta1: float, beta2: float, eps: float,
+          clip_lambda: Optional[Callable], weight_decay: float, decouple: bool, maximize: bool,
           grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
           plans: Optional[Dict] = None) -> None:
     """Functional ADOPT: ``check`` then ``apply``. Step counts of tensors on
     the fused path must be float32 tensors on their parameter's device."""
     check(params, grads, exp_avgs, exp_avg_sqs, fused)
-    apply(params, grads, exp_avgs, exp_avg_sqs, state_steps, fused=fused, lr=lr, beta1=beta1,
-          beta2=beta2, eps=eps, clip_lambda=clip_lambda, weight_decay=weight_decay,
+    apply(params, grads, exp_avgs, exp_avg_sqs, state_steps, fused=fused, foreach=foreach, lr=lr,
+          beta1=beta1, beta2=beta2, eps=eps, clip_lambda=clip_lambda, weight_decay=weight_decay,
           decouple=decouple, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
           plans=plans)

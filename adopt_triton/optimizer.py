@@ -199,7 +199,9 @@ class ADOPT(Optimizer):
                 continue
             beta1, beta2 = group["betas"]
             with torch.set_grad_enabled(group["differentiable"]):
-                dispatch.apply(*tensors, fused=False if group["differentiable"] else group["fused"],
+                differentiable = group["differentiable"]  # autograd: the single-tensor reference
+                dispatch.apply(*tensors, fused=False if differentiable else group["fused"],
+                               foreach=False if differentiable else group["foreach"],
                                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                                clip_lambda=self.clip_lambda, weight_decay=group["weight_decay"],
                                decouple=group["decouple"], maximize=group["maximize"],

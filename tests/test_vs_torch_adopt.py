@@ -36,21 +36,22 @@ def assert_same_run(ours, theirs, ours_params, theirs_params, what):
 
 def run_against_torch_adopt(device, options=None, *, groups=None, dtype=torch.float32,
                             has_grad=lambda step, index: True, lr_factory=None, scheduler=None,
-                            steps=STEPS, grad_spread=3.0, fused=True):
+                            steps=STEPS, grad_spread=3.0, flags=None):
     """Train the same params with both optimizers on the same gradients, checking every step.
 
     groups(params) -> param groups; lr_factory() -> a fresh lr (for tensor lrs);
     scheduler(optimizer) -> an lr scheduler stepped after every step.
     """
     options = dict(options or {})
+    flags = dict(fused=True) if flags is None else flags
     initial = make_params(device, dtype)
     ours_params, theirs_params = as_parameters(initial, device), as_parameters(initial, "cpu")
     groups = groups or (lambda params: params)
     if lr_factory is not None:
-        ours = ADOPT(groups(ours_params), lr=lr_factory(), fused=fused, **options)
+        ours = ADOPT(groups(ours_params), lr=lr_factory(), **flags, **options)
         theirs = adopt.ADOPT(groups(theirs_params), lr=lr_factory(), foreach=False, **options)
     else:
-        ours = ADOPT(groups(ours_params), fused=fused, **options)
+        ours = ADOPT(groups(ours_params), **flags, **options)
         theirs = adopt.ADOPT(groups(theirs_params), foreach=False, **options)
     schedulers = [scheduler(ours), scheduler(theirs)] if scheduler else []
     for step in range(steps):
@@ -80,10 +81,14 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "eager"])
+IMPLEMENTATIONS = {"fused": dict(fused=True), "foreach": dict(fused=False, foreach=True),
+                   "single_tensor": dict(fused=False, foreach=False)}
+
+
+@pytest.mark.parametrize("flags", IMPLEMENTATIONS.values(), ids=IMPLEMENTATIONS.keys())
 @pytest.mark.parametrize("options", CASES.values(), ids=CASES.keys())
-def test_matches_torch_adopt(kernel_device, options, fused):
-    run_against_torch_adopt(kernel_device, options, fused=fused)
+def test_matches_torch_adopt(kernel_device, options, flags):
+    run_against_torch_adopt(kernel_device, options, flags=flags)
 
 
 def test_matches_torch_adopt_without_clipping(kernel_device):

@@ -1,0 +1,48 @@
+"""Eager multi-tensor ADOPT on ``torch._foreach_*`` ops (``foreach=True``).
+
+The same operations as ``adopt_triton.reference``, each applied to a whole
+list of tensors at once, so the Python cost is per list, not per tensor.
+Tensors are grouped by their step count, so each gets its own first-step case
+and clip value (torch-adopt's foreach path takes both from the first tensor).
+Numerics: as the reference, except that the square root is ATen's float32
+``sqrt`` (the reference rounds a float64 one): within float32 tolerance.
+"""
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+
+def foreach_adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
+                  exp_avg_sqs: List[Tensor], state_steps: List[Tensor], *, lr, beta1: float,
+                  beta2: float, eps: float, clip_lambda: Optional[Callable[[float], float]],
+                  weight_decay: float, decouple: bool, maximize: bool) -> None:
+    lr = float(lr)
+    tensors = [[torch.view_as_real(t) if t.is_complex() else t for t in column]
+               for column in (params, grads, exp_avgs, exp_avg_sqs)]
+    by_step: Dict[float, List[int]] = {}
+    for index, step in enumerate(state_steps):
+        by_step.setdefault(float(step), []).append(index)
+    for n, indices in by_step.items():
+        param, grad, exp_avg, exp_avg_sq = ([column[i] for i in indices] for column in tensors)
+        if maximize:
+            grad = torch._foreach_neg(grad)
+        if weight_decay != 0 and not decouple:
+            grad = torch._foreach_add(grad, param, alpha=weight_decay)
+        if n == 0:
+            torch._foreach_copy_(exp_avg_sq, torch._foreach_mul(grad, grad))
+            continue
+        if weight_decay != 0 and decouple:
+            torch._foreach_add_(param, param, alpha=-lr * weight_decay)
+        denom = torch._foreach_sqrt(exp_avg_sq)
+        torch._foreach_maximum_(denom, eps)
+        update = torch._foreach_div(grad, denom)
+        if clip_lambda is not None:
+            clip = clip_lambda(n)
+            torch._foreach_maximum_(update, -clip)
+            torch._foreach_minimum_(update, clip)
+        torch._foreach_lerp_(exp_avg, update, 1 - beta1)
+        torch._foreach_add_(param, exp_avg, alpha=-lr)
+        torch._foreach_mul_(exp_avg_sq, beta2)
+        torch._foreach_addcmul_(exp_avg_sq, grad, grad, value=1 - beta2)
+    torch._foreach_add_(state_steps, 1)
