@@ -1,5 +1,5 @@
 """Which implementation updates which tensor, and the checks before any update."""
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor
@@ -57,7 +57,7 @@ def check(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
 
 
 def _eager_adopt(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, foreach: Optional[bool],
-                 grad_scale=None, found_inf=None, plans=None, **hyperparameters) -> None:
+                 grad_scale=None, found_inf=None, **hyperparameters) -> None:
     """The eager paths: ``foreach_adopt`` unless ``foreach=False`` (then the
     single-tensor reference). foreach=None picks foreach: on this project's
     CPU benchmark it was 1.1-5.5x faster for 1 to 1000 tensors of 64 to 2**24
@@ -91,12 +91,10 @@ def adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
           exp_avg_sqs: List[Tensor], state_steps: List[Tensor], *, fused: Optional[bool] = None,
           foreach: Optional[bool] = None, lr, beta1: float, beta2: float, eps: float,
           clip_lambda: Optional[Callable], weight_decay: float, decouple: bool, maximize: bool,
-          grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
-          plans: Optional[Dict] = None) -> None:
+          grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
     """Functional ADOPT: ``check`` then ``apply``. Step counts of tensors on
     the fused path must be float32 tensors on their parameter's device."""
     check(params, grads, exp_avgs, exp_avg_sqs, fused)
     apply(params, grads, exp_avgs, exp_avg_sqs, state_steps, fused=fused, foreach=foreach, lr=lr,
           beta1=beta1, beta2=beta2, eps=eps, clip_lambda=clip_lambda, weight_decay=weight_decay,
-          decouple=decouple, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
-          plans=plans)
+          decouple=decouple, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)

@@ -1,5 +1,12 @@
 """The host side of the fused path: group tensors by device and dtype, hand
-the kernel dense operands, cache its launch tables, bump the step counts."""
+the kernel dense operands, cache its launch tables, bump the step counts.
+
+The launch itself is the custom op ``adopt_triton::fused_adopt_`` (declared
+mutations, a fake implementation), so ``torch.compile`` traces the optimizer
+step around it with ``fullgraph=True``: its launch tables hold raw
+addresses, which only an opaque op can build (as ATen's own ``_fused_adam_``).
+"""
+from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -69,28 +76,68 @@ def _clip_values(clip_lambda: Callable, steps: List[Tensor]) -> Tensor:
     return values.expand(counts.shape).contiguous()
 
 
-def _bump_steps(steps: List[Tensor], found_inf: Optional[Tensor]) -> None:
-    """step += 1 in one fused op; a step skipped by GradScaler is not counted."""
-    if found_inf is None:
-        torch._foreach_add_(steps, 1)
+_PLAN_CACHE: "OrderedDict[tuple, kernel.LaunchPlan]" = OrderedDict()
+_PLAN_CACHE_SIZE = 64
+
+
+def _launch_plan(key: tuple, device: torch.device) -> kernel.LaunchPlan:
+    """The launch tables for ``key`` (addresses and sizes), built once and
+    cached: a plan depends on nothing else, so it stays valid for as long as
+    the same tensors (or any at the same addresses) are passed."""
+    plan = _PLAN_CACHE.get((device, key))
+    if plan is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "ADOPT: the tensors changed (new parameters, gradients or state) while a CUDA "
+                "graph is being captured, and the kernel's launch tables cannot be rebuilt "
+                "during capture: run step() once on these exact tensors before capturing")
+        plan = _PLAN_CACHE[device, key] = kernel.make_plan(key, device)
+        if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
+            _PLAN_CACHE.popitem(last=False)
+    _PLAN_CACHE.move_to_end((device, key))
+    return plan
+
+
+@torch.library.custom_op("adopt_triton::fused_adopt_",
+                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "state_steps"))
+def _fused_adopt_op(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
+                    exp_avg_sqs: List[Tensor], state_steps: List[Tensor], lr_tensor: Optional[Tensor],
+                    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                    decouple: bool, maximize: bool, clip_mode: int, clip_values: Optional[Tensor],
+                    grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    """One launch over real, dense tensors of one device and dtype, then one
+    op bumping their step counts (not counted when found_inf is set)."""
+    if weight_decay == 0:
+        weight_decay_mode = kernel.NO_WEIGHT_DECAY
     else:
-        torch._foreach_add_(steps, 1 - found_inf.to(steps[0].device, torch.float32))
+        weight_decay_mode = kernel.DECOUPLED_WEIGHT_DECAY if decouple else kernel.COUPLED_WEIGHT_DECAY
+    plan = _launch_plan(kernel.plan_key(params, grads, exp_avgs, exp_avg_sqs, state_steps),
+                        params[0].device)
+    scalars = kernel.StepScalars.make(lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                      weight_decay=weight_decay)
+    kernel.adopt_step_(plan, params[0].dtype, scalars, lr_tensor=lr_tensor, clip_mode=clip_mode,
+                       clip_values=clip_values, grad_scale=grad_scale, found_inf=found_inf,
+                       maximize=maximize, weight_decay_mode=weight_decay_mode)
+    if found_inf is None:
+        torch._foreach_add_(state_steps, 1)
+    else:
+        torch._foreach_add_(state_steps, 1 - found_inf.to(state_steps[0].device, torch.float32))
+
+
+@_fused_adopt_op.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_tensor, lr, beta1, beta2, eps,
+      weight_decay, decouple, maximize, clip_mode, clip_values, grad_scale, found_inf) -> None:
+    return None
 
 
 def fused_adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
                 exp_avg_sqs: List[Tensor], state_steps: List[Tensor], *, lr, beta1: float,
                 beta2: float, eps: float, clip_lambda: Optional[Callable], weight_decay: float,
                 decouple: bool, maximize: bool, grad_scale: Optional[Tensor] = None,
-                found_inf: Optional[Tensor] = None,
-                plans: Optional[Dict[tuple, kernel.LaunchPlan]] = None) -> None:
+                found_inf: Optional[Tensor] = None) -> None:
     """One ADOPT step for every tensor: one kernel launch per device and dtype,
     plus one op bumping the step counts (float32 tensors on each param's
-    device). ``plans`` caches the launch tables between calls."""
-    plans = {} if plans is None else plans
-    if weight_decay == 0:
-        weight_decay_mode = kernel.NO_WEIGHT_DECAY
-    else:
-        weight_decay_mode = kernel.DECOUPLED_WEIGHT_DECAY if decouple else kernel.COUPLED_WEIGHT_DECAY
+    device). A tensor lr on the params' device is read by the kernel."""
     if clip_lambda is None:
         clip_mode = kernel.NO_CLIP
     else:
@@ -104,22 +151,12 @@ def fused_adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor
             column.append(tensor)
         group[5].extend(write_back)
     for (device, dtype), (*tensors, write_back) in groups.items():
-        key = kernel.plan_key(*tensors)
-        plan = plans.get((device, dtype))
-        if plan is None or plan.key != key:
-            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError(
-                    "ADOPT: the tensors changed (new parameters, gradients or state) while a CUDA "
-                    "graph is being captured, and the kernel's launch tables cannot be rebuilt "
-                    "during capture: run step() once on these exact tensors before capturing")
-            plan = plans[device, dtype] = kernel.make_plan(key, device)
-        lr_tensor = lr if torch.is_tensor(lr) and lr.device == device else None  # read in the kernel
-        scalars = kernel.StepScalars.make(lr=0.0 if lr_tensor is not None else float(lr), beta1=beta1,
-                                          beta2=beta2, eps=eps, weight_decay=weight_decay)
-        clip_values = _clip_values(clip_lambda, tensors[4]) if clip_mode == kernel.CLIP_PER_TENSOR else None
-        kernel.adopt_step_(plan, dtype, scalars, lr_tensor=lr_tensor, clip_mode=clip_mode,
-                           clip_values=clip_values, grad_scale=grad_scale, found_inf=found_inf,
-                           maximize=maximize, weight_decay_mode=weight_decay_mode)
+        lr_on_device = torch.is_tensor(lr) and lr.device == device
+        _fused_adopt_op(*tensors, lr_tensor=lr if lr_on_device else None,
+                        lr=0.0 if lr_on_device else float(lr), beta1=beta1, beta2=beta2, eps=eps,
+                        weight_decay=weight_decay, decouple=decouple, maximize=maximize,
+                        clip_mode=clip_mode,
+                        clip_values=_clip_values(clip_lambda, tensors[4]) if clip_mode == kernel.CLIP_PER_TENSOR else None,
+                        grad_scale=grad_scale, found_inf=found_inf)
         for original, staged in write_back:
             original.copy_(staged)
-        _bump_steps(tensors[4], found_inf)

@@ -94,7 +94,6 @@ class ADOPT(Optimizer):
         self.register_state_dict_post_hook(ADOPT._portable_state_dict)
         self.register_load_state_dict_pre_hook(ADOPT._keep_execution_flags)
         self.register_load_state_dict_post_hook(ADOPT._place_steps)
-        self._launch_plans = {}  # group index -> the fused kernel's cached launch tables
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -109,7 +108,6 @@ class ADOPT(Optimizer):
         for group in self.param_groups:
             for key, value in _FLAG_DEFAULTS.items():
                 group.setdefault(key, value)
-        self._launch_plans = {}
         ADOPT._place_steps(self)
 
     @staticmethod
@@ -151,12 +149,17 @@ class ADOPT(Optimizer):
                     state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).detach().to(
                         ADOPT._step_device(group, param))
 
-    def _init_group(self, group_index: int, group: dict):
-        params, grads, exp_avgs, exp_avg_sqs, state_steps = [], [], [], [], []
+    def _init_group(self, group: dict, params: list, grads: list, exp_avgs: list,
+                    exp_avg_sqs: list, state_steps: list) -> bool:
+        """Collect the group's tensors that have a gradient (creating their
+        state), check them, and return whether any is complex. The signature
+        is torch.optim's, which torch.compile runs eagerly while tracing."""
+        has_complex = False
         for param_index, param in enumerate(group["params"]):
             if param.grad is None:
                 continue
             if param.grad.is_sparse:
+                group_index = next(i for i, g in enumerate(self.param_groups) if g is group)
                 raise RuntimeError(
                     "ADOPT does not support sparse gradients (param_groups"
                     f"[{group_index}]['params'][{param_index}], shape {tuple(param.shape)})")
@@ -169,13 +172,14 @@ class ADOPT(Optimizer):
             if group["differentiable"] and state["step"].requires_grad:
                 raise RuntimeError(
                     "`requires_grad` is not supported for `step` in differentiable mode")
+            has_complex |= torch.is_complex(param)
             params.append(param)
             grads.append(param.grad)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             state_steps.append(state["step"])
         dispatch.check(params, grads, exp_avgs, exp_avg_sqs, group["fused"])
-        return params, grads, exp_avgs, exp_avg_sqs, state_steps
+        return has_complex
 
     def step(self, closure=None):
         """Perform a single optimization step.
@@ -184,8 +188,9 @@ class ADOPT(Optimizer):
             closure (Callable, optional): A closure that reevaluates the model
                 and returns the loss.
         """
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing() and not all(
-                group["capturable"] for group in self.param_groups):
+        if not torch.compiler.is_compiling() and torch.cuda.is_available() \
+                and torch.cuda.is_current_stream_capturing() \
+                and not all(group["capturable"] for group in self.param_groups):
             raise RuntimeError("Attempting CUDA graph capture of step() for an instance of ADOPT "
                                "but param_groups' capturable is False.")
         loss = None
@@ -193,19 +198,22 @@ class ADOPT(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # Gather (and check) every group before updating any.
-        work = [(i, group, self._init_group(i, group)) for i, group in enumerate(self.param_groups)]
-        for index, group, tensors in work:
+        work = []
+        for group in self.param_groups:
+            tensors = ([], [], [], [], [])
+            self._init_group(group, *tensors)
+            work.append((group, tensors))
+        for group, tensors in work:
             if not tensors[0]:
                 continue
             beta1, beta2 = group["betas"]
-            with torch.set_grad_enabled(group["differentiable"]):
-                differentiable = group["differentiable"]  # autograd: the single-tensor reference
+            differentiable = group["differentiable"]  # autograd: the single-tensor reference
+            with torch.set_grad_enabled(differentiable):
                 dispatch.apply(*tensors, fused=False if differentiable else group["fused"],
                                foreach=False if differentiable else group["foreach"],
                                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                                clip_lambda=self.clip_lambda, weight_decay=group["weight_decay"],
                                decouple=group["decouple"], maximize=group["maximize"],
                                grad_scale=getattr(self, "grad_scale", None),
-                               found_inf=getattr(self, "found_inf", None),
-                               plans=self._launch_plans.setdefault(index, {}))
+                               found_inf=getattr(self, "found_inf", None))
         return loss

@@ -1,10 +1,12 @@
 """One launch for many tensors: identical results, constant launch count,
 per-tensor step counts, cached launch tables."""
+import io
+
 import adopt
 import pytest
 import torch
 
-from adopt_triton import ADOPT, dispatch, reference
+from adopt_triton import ADOPT, dispatch, fused, reference
 from adopt_triton.kernels import adopt as kernel
 from harness import assert_bitwise_equal, wide_grad
 
@@ -27,6 +29,8 @@ def launches(monkeypatch):
 
 @pytest.fixture
 def plan_builds(monkeypatch):
+    """Records each build of launch tables (the cache starts empty)."""
+    monkeypatch.setattr(fused, "_PLAN_CACHE", type(fused._PLAN_CACHE)())
     calls = []
     build = kernel.make_plan
 
@@ -53,11 +57,10 @@ def test_300_tensors_in_one_launch_equal_one_launch_per_tensor(kernel_device, la
     sizes = mixed_sizes(300)
     together = state_for(sizes, kernel_device)
     alone = [[t.clone() for t in column] for column in together]
-    plans = {}
     for step in range(10):
         grads = [wide_grad((n,), kernel_device) for n in sizes]
         dispatch.adopt(together[0], grads, together[1], together[2], together[3], fused=True,
-                       plans=plans, **HYPER)
+                       **HYPER)
         for i, grad in enumerate(grads):
             dispatch.adopt([alone[0][i]], [grad], [alone[1][i]], [alone[2][i]], [alone[3][i]],
                            fused=True, **HYPER)
@@ -132,7 +135,13 @@ def test_launch_tables_are_cached_and_rebuilt_only_when_tensors_change(kernel_de
     opt.add_param_group({"params": [extra], "lr": 1e-2})
     opt.step()
     assert plan_builds == [3, 3, 1]  # the new group's table; the first group's is reused
-    opt.load_state_dict(opt.state_dict())  # new state tensors
+    opt.load_state_dict(opt.state_dict())  # the same state tensors: nothing to rebuild
+    opt.step()
+    assert plan_builds == [3, 3, 1]
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    opt.load_state_dict(torch.load(buffer, weights_only=True))  # new state tensors
     opt.step()
     assert plan_builds == [3, 3, 1, 3, 1]
     del old_grad
