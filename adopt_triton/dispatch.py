@@ -17,6 +17,9 @@ def fused_unsupported_reason(param: Tensor) -> Optional[str]:
     if param.dtype not in FUSED_DTYPES:
         names = ", ".join(str(d) for d in FUSED_DTYPES)
         return f"the fused ADOPT kernel does not support dtype {param.dtype} (supported: {names})"
+    if kernel.INTERPRETED and param.device.type != "cpu":
+        return ("under TRITON_INTERPRET=1 the fused ADOPT kernel runs on CPU tensors only (its "
+                "launch tables hold host addresses)")
     if param.device.type == "cpu" and not kernel.INTERPRETED:
         return ("the fused ADOPT kernel needs a CUDA tensor; CPU tensors run it only through "
                 "Triton's interpreter (set TRITON_INTERPRET=1 before importing adopt_triton), "
@@ -59,11 +62,11 @@ def check(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
 def _eager_adopt(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, foreach: Optional[bool],
                  grad_scale=None, found_inf=None, **hyperparameters) -> None:
     """The eager paths: ``foreach_adopt`` unless ``foreach=False`` (then the
-    single-tensor reference). foreach=None picks foreach: on this project's
-    CPU benchmark it was 1.1-5.5x faster for 1 to 1000 tensors of 64 to 2**24
-    elements (bench/eager_cpu.py). GradScaler's unscale-and-skip is done
-    eagerly here (reading found_inf on the host, as GradScaler itself does
-    for unfused optimizers)."""
+    single-tensor reference). foreach=None picks foreach: on the CPU
+    (bench/results/cpu-smoke-2026-11-29.json) it took 2.0-2.3x less time per
+    step for 100-148 tensors and the same within noise for one tensor.
+    GradScaler's unscale-and-skip is done eagerly here (reading found_inf on
+    the host, as GradScaler itself does for unfused optimizers)."""
     if found_inf is not None and float(found_inf) != 0:
         return
     if grad_scale is not None:

@@ -21,8 +21,8 @@ def foreach_adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tens
     tensors = [[torch.view_as_real(t) if t.is_complex() else t for t in column]
                for column in (params, grads, exp_avgs, exp_avg_sqs)]
     by_step: Dict[float, List[int]] = {}
-    for index, step in enumerate(state_steps):
-        by_step.setdefault(float(step), []).append(index)
+    for index, step in enumerate(torch.stack(state_steps).tolist()):  # one host read, not one per tensor
+        by_step.setdefault(step, []).append(index)
     for n, indices in by_step.items():
         param, grad, exp_avg, exp_avg_sq = ([column[i] for i in indices] for column in tensors)
         if maximize:

@@ -12,8 +12,8 @@ kernels, which every x86-64 CPU of the last decade selects):
 * ``m.lerp_(u, w)`` is ``fma(w, u - m, m)`` for ``|w| < 0.5``, else
   ``fma(w - 1, u - m, u)``.
 * ``mul``, ``div``, ``clamp`` round once; ``clamp`` propagates NaN.
-* ``sqrt`` is taken in float64 and rounded once to float32 (correctly rounded
-  float32 sqrt; ATen's vectorised float32 ``sqrt`` is not always).
+* ``sqrt`` is taken in float64 and rounded once to the tensor's dtype (a
+  correctly rounded sqrt; ATen's vectorised float32 ``sqrt`` is not always).
 * Python-float hyper-parameters (``-lr``, ``1 - beta1``, ``1 - beta2``,
   ``-lr * weight_decay``) are computed in float64 and rounded to float32 when
   they reach the op, as every ATen op does with a Python scalar.
@@ -22,6 +22,11 @@ from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor
+
+
+def _sqrt(t: Tensor) -> Tensor:
+    """Correctly rounded sqrt in t's dtype (float64 computed, rounded once)."""
+    return t.sqrt() if t.dtype == torch.float64 else t.double().sqrt().to(t.dtype)
 
 
 def default_clip_lambda(step):
@@ -50,7 +55,7 @@ def adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
         else:
             if weight_decay != 0 and decouple:
                 param.add_(param, alpha=-lr * weight_decay)            # fma
-            denom = exp_avg_sq.double().sqrt().float().clamp(min=eps)  # delayed v
+            denom = _sqrt(exp_avg_sq).clamp(min=eps)                   # delayed v
             update = grad / denom
             if clip_lambda is not None:
                 clip = clip_lambda(n)

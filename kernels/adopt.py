@@ -169,7 +169,8 @@ class StepScalars(NamedTuple):
 
 
 class LaunchPlan(NamedTuple):
-    """The device-side tables of one launch over a list of tensors."""
+    """The device-side tables of one launch over a list of tensors. They hold
+    raw addresses: the tensors must stay alive while a launch uses them."""
     key: tuple
     meta: torch.Tensor          # int64 [n_tensors, META_COLUMNS]
     block_tensor: torch.Tensor  # int32 [n_blocks]: the tensor each program updates
