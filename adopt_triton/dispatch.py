@@ -9,7 +9,7 @@ from adopt_triton.foreach import foreach_adopt
 from adopt_triton.fused import fused_adopt
 from adopt_triton.kernels import adopt as kernel
 
-FUSED_DTYPES = (torch.float32, torch.complex64)
+FUSED_DTYPES = kernel.PARAM_DTYPES + (torch.complex64,)
 
 
 def fused_unsupported_reason(param: Tensor) -> Optional[str]:
@@ -43,8 +43,11 @@ def use_fused(fused: Optional[bool], param: Tensor) -> bool:
 
 
 def _check_operands(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
-    for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        if t.shape != param.shape or t.dtype != param.dtype or t.device != param.device:
+    """Same shape and device for all four; the gradient has the param's dtype,
+    the two states share one (the param's, or another ``state_dtype``)."""
+    for name, t, dtype in (("grad", grad, param.dtype), ("exp_avg", exp_avg, exp_avg.dtype),
+                           ("exp_avg_sq", exp_avg_sq, exp_avg.dtype)):
+        if t.shape != param.shape or t.dtype != dtype or t.device != param.device:
             raise RuntimeError(
                 f"ADOPT: {name} ({tuple(t.shape)}, {t.dtype}, {t.device}) does not match its "
                 f"parameter ({tuple(param.shape)}, {param.dtype}, {param.device})")
@@ -57,16 +60,22 @@ def check(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
         _check_operands(param, grad, exp_avg, exp_avg_sq)
         if fused:
             check_fused_supported(param)
+            if exp_avg.dtype != param.dtype and exp_avg.dtype not in kernel.STATE_DTYPES:
+                raise RuntimeError(f"ADOPT(fused=True): state dtype {exp_avg.dtype} is not supported "
+                                   f"(supported: the param's dtype, {kernel.STATE_DTYPES})")
 
 
 def _eager_adopt(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, foreach: Optional[bool],
-                 grad_scale=None, found_inf=None, **hyperparameters) -> None:
+                 grad_scale=None, found_inf=None, stochastic_round_seed=None,
+                 **hyperparameters) -> None:
     """The eager paths: ``foreach_adopt`` unless ``foreach=False`` (then the
     single-tensor reference). foreach=None picks foreach: on the CPU
     (bench/results/cpu-smoke-2026-11-29.json) it took 2.0-2.3x less time per
     step for 100-148 tensors and the same within noise for one tensor.
     GradScaler's unscale-and-skip is done eagerly here (reading found_inf on
     the host, as GradScaler itself does for unfused optimizers)."""
+    if stochastic_round_seed is not None:
+        raise RuntimeError("ADOPT: stochastic rounding runs in the fused kernel only")
     if found_inf is not None and float(found_inf) != 0:
         return
     if grad_scale is not None:
@@ -94,10 +103,12 @@ def adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
           exp_avg_sqs: List[Tensor], state_steps: List[Tensor], *, fused: Optional[bool] = None,
           foreach: Optional[bool] = None, lr, beta1: float, beta2: float, eps: float,
           clip_lambda: Optional[Callable], weight_decay: float, decouple: bool, maximize: bool,
-          grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+          grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+          stochastic_round_seed: Optional[int] = None) -> None:
     """Functional ADOPT: ``check`` then ``apply``. Step counts of tensors on
     the fused path must be float32 tensors on their parameter's device."""
     check(params, grads, exp_avgs, exp_avg_sqs, fused)
     apply(params, grads, exp_avgs, exp_avg_sqs, state_steps, fused=fused, foreach=foreach, lr=lr,
           beta1=beta1, beta2=beta2, eps=eps, clip_lambda=clip_lambda, weight_decay=weight_decay,
-          decouple=decouple, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
+          decouple=decouple, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
+          stochastic_round_seed=stochastic_round_seed)

@@ -12,14 +12,17 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import Tensor
 
+from adopt_triton.reference import upcast
+
 
 def foreach_adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
                   exp_avg_sqs: List[Tensor], state_steps: List[Tensor], *, lr, beta1: float,
                   beta2: float, eps: float, clip_lambda: Optional[Callable[[float], float]],
                   weight_decay: float, decouple: bool, maximize: bool) -> None:
     lr = float(lr)
-    tensors = [[torch.view_as_real(t) if t.is_complex() else t for t in column]
-               for column in (params, grads, exp_avgs, exp_avg_sqs)]
+    stored = [[torch.view_as_real(t) if t.is_complex() else t for t in column]
+              for column in (params, grads, exp_avgs, exp_avg_sqs)]
+    tensors = [[upcast(t) for t in column] for column in stored]  # float32 math, as the reference
     by_step: Dict[float, List[int]] = {}
     for index, step in enumerate(torch.stack(state_steps).tolist()):  # one host read, not one per tensor
         by_step.setdefault(step, []).append(index)
@@ -45,4 +48,8 @@ def foreach_adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tens
         torch._foreach_add_(param, exp_avg, alpha=-lr)
         torch._foreach_mul_(exp_avg_sq, beta2)
         torch._foreach_addcmul_(exp_avg_sq, grad, grad, value=1 - beta2)
+    for column in (0, 2, 3):  # round upcast params and states back, once
+        pairs = [(s, t) for s, t in zip(stored[column], tensors[column]) if s is not t]
+        if pairs:
+            torch._foreach_copy_(*map(list, zip(*pairs)))
     torch._foreach_add_(state_steps, 1)

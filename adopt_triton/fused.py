@@ -104,9 +104,11 @@ def _fused_adopt_op(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Te
                     exp_avg_sqs: List[Tensor], state_steps: List[Tensor], lr_tensor: Optional[Tensor],
                     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                     decouple: bool, maximize: bool, clip_mode: int, clip_values: Optional[Tensor],
-                    grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-    """One launch over real, dense tensors of one device and dtype, then one
-    op bumping their step counts (not counted when found_inf is set)."""
+                    grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
+                    stochastic_round_seed: Optional[int]) -> None:
+    """One launch over real, dense tensors of one device, param dtype and state
+    dtype, then one op bumping their step counts (not counted when found_inf
+    is set)."""
     if weight_decay == 0:
         weight_decay_mode = kernel.NO_WEIGHT_DECAY
     else:
@@ -117,7 +119,8 @@ def _fused_adopt_op(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Te
                                       weight_decay=weight_decay)
     kernel.adopt_step_(plan, params[0].dtype, scalars, lr_tensor=lr_tensor, clip_mode=clip_mode,
                        clip_values=clip_values, grad_scale=grad_scale, found_inf=found_inf,
-                       maximize=maximize, weight_decay_mode=weight_decay_mode)
+                       maximize=maximize, weight_decay_mode=weight_decay_mode,
+                       state_dtype=exp_avgs[0].dtype, stochastic_round_seed=stochastic_round_seed)
     if found_inf is None:
         torch._foreach_add_(state_steps, 1)
     else:
@@ -126,7 +129,8 @@ def _fused_adopt_op(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Te
 
 @_fused_adopt_op.register_fake
 def _(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_tensor, lr, beta1, beta2, eps,
-      weight_decay, decouple, maximize, clip_mode, clip_values, grad_scale, found_inf) -> None:
+      weight_decay, decouple, maximize, clip_mode, clip_values, grad_scale, found_inf,
+      stochastic_round_seed) -> None:
     return None
 
 
@@ -134,10 +138,14 @@ def fused_adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor
                 exp_avg_sqs: List[Tensor], state_steps: List[Tensor], *, lr, beta1: float,
                 beta2: float, eps: float, clip_lambda: Optional[Callable], weight_decay: float,
                 decouple: bool, maximize: bool, grad_scale: Optional[Tensor] = None,
-                found_inf: Optional[Tensor] = None) -> None:
-    """One ADOPT step for every tensor: one kernel launch per device and dtype,
-    plus one op bumping the step counts (float32 tensors on each param's
-    device). A tensor lr on the params' device is read by the kernel."""
+                found_inf: Optional[Tensor] = None,
+                stochastic_round_seed: Optional[int] = None) -> None:
+    """One ADOPT step for every tensor: one kernel launch per device, param
+    dtype and state dtype, plus one op bumping the step counts (float32
+    tensors on each param's device). A tensor lr on the params' device is
+    read by the kernel. With a ``stochastic_round_seed``, bf16 stores round
+    stochastically, with random bits keyed on the seed, the step, the tensor's
+    place in its launch and the element."""
     if clip_lambda is None:
         clip_mode = kernel.NO_CLIP
     else:
@@ -146,17 +154,19 @@ def fused_adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor
     for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs,
                                                       state_steps):
         operands, write_back = _kernel_operands(param, grad, exp_avg, exp_avg_sq)
-        group = groups.setdefault((param.device, operands[0].dtype), [[], [], [], [], [], []])
+        group = groups.setdefault((param.device, operands[0].dtype, operands[2].dtype),
+                                  [[], [], [], [], [], []])
         for column, tensor in zip(group, operands + [step]):
             column.append(tensor)
         group[5].extend(write_back)
-    for (device, dtype), (*tensors, write_back) in groups.items():
+    for (device, _, _), (*tensors, write_back) in groups.items():
         lr_on_device = torch.is_tensor(lr) and lr.device == device
         _fused_adopt_op(*tensors, lr_tensor=lr if lr_on_device else None,
                         lr=0.0 if lr_on_device else float(lr), beta1=beta1, beta2=beta2, eps=eps,
                         weight_decay=weight_decay, decouple=decouple, maximize=maximize,
                         clip_mode=clip_mode,
                         clip_values=_clip_values(clip_lambda, tensors[4]) if clip_mode == kernel.CLIP_PER_TENSOR else None,
-                        grad_scale=grad_scale, found_inf=found_inf)
+                        grad_scale=grad_scale, found_inf=found_inf,
+                        stochastic_round_seed=stochastic_round_seed)
         for original, staged in write_back:
             original.copy_(staged)

@@ -82,9 +82,21 @@ class ADOPT(Optimizer):
                  clip_lambda: Optional[Callable[[float], float]] = default_clip_lambda,
                  weight_decay: float = 0.0, decouple: bool = False, *,
                  foreach: Optional[bool] = None, maximize: bool = False, capturable: bool = False,
-                 differentiable: bool = False, fused: Optional[bool] = None):
+                 differentiable: bool = False, fused: Optional[bool] = None,
+                 state_dtype: Optional[torch.dtype] = None, bf16_stochastic_round: bool = False,
+                 stochastic_round_seed: Optional[int] = None):
         if clip_lambda is not None and not callable(clip_lambda):
             raise ValueError(f"clip_lambda must be None or callable, got {clip_lambda!r}")
+        if state_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"Invalid state_dtype: {state_dtype} (supported: None, torch.float32, "
+                             "torch.bfloat16)")
+        # Like clip_lambda, these live on the optimizer, not in param_groups, so
+        # that state_dict keeps torch-adopt's layout.
+        self.state_dtype = state_dtype
+        self.bf16_stochastic_round = bf16_stochastic_round
+        if bf16_stochastic_round and stochastic_round_seed is None:  # reproducible under torch.manual_seed
+            stochastic_round_seed = int(torch.randint(2**31 - 1, ()))
+        self.stochastic_round_seed = stochastic_round_seed if bf16_stochastic_round else None
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decouple=decouple,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused)
@@ -93,18 +105,37 @@ class ADOPT(Optimizer):
         super().__init__(params, defaults)
         self.register_state_dict_post_hook(ADOPT._portable_state_dict)
         self.register_load_state_dict_pre_hook(ADOPT._keep_execution_flags)
-        self.register_load_state_dict_post_hook(ADOPT._place_steps)
+        self.register_load_state_dict_post_hook(ADOPT._convert_loaded_state)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         try:
-            _check_hyperparameters(self.param_groups[-1])
+            group = self.param_groups[-1]
+            _check_hyperparameters(group)
+            for param in group["params"]:
+                if self.state_dtype is not None and param.is_complex():
+                    raise ValueError(f"state_dtype={self.state_dtype} needs real parameters, got "
+                                     f"{param.dtype}")
+                if self.bf16_stochastic_round and not dispatch.use_fused(group["fused"], param):
+                    reason = dispatch.fused_unsupported_reason(param) or "fused=None runs CPU tensors eagerly"
+                    raise RuntimeError("bf16_stochastic_round=True runs in the fused kernel, which "
+                                       f"this parameter would not use: {reason}")
         except (ValueError, RuntimeError):
             self.param_groups.pop()
             raise
 
+    def _state_dtype(self, param: Tensor) -> torch.dtype:
+        """exp_avg/exp_avg_sq dtype: ``state_dtype`` if given, float32 for
+        bf16/fp16 params, the param's dtype otherwise."""
+        if self.state_dtype is not None:
+            return self.state_dtype
+        return torch.float32 if param.dtype in (torch.bfloat16, torch.float16) else param.dtype
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        for name in ("state_dtype", "stochastic_round_seed"):
+            self.__dict__.setdefault(name, None)
+        self.__dict__.setdefault("bf16_stochastic_round", False)
         for group in self.param_groups:
             for key, value in _FLAG_DEFAULTS.items():
                 group.setdefault(key, value)
@@ -114,10 +145,14 @@ class ADOPT(Optimizer):
     def _portable_state_dict(optimizer: "ADOPT", state_dict: dict) -> dict:
         """Record ``fused=True`` as ``fused=None``: torch-adopt raises on
         ``fused=True``, and a checkpoint should load there too. (Loading into
-        ``adopt_triton.ADOPT`` keeps the loader's own flags anyway.)"""
+        ``adopt_triton.ADOPT`` keeps the loader's own flags anyway.) The
+        stochastic-rounding seed rides along under its own key, which
+        torch.optim loaders ignore."""
         for group in state_dict["param_groups"]:
             if group.get("fused"):
                 group["fused"] = None
+        if optimizer.stochastic_round_seed is not None:
+            state_dict["adopt_triton"] = {"stochastic_round_seed": optimizer.stochastic_round_seed}
         return state_dict
 
     @staticmethod
@@ -128,7 +163,30 @@ class ADOPT(Optimizer):
         trained. Hyper-parameters and state come from the checkpoint."""
         groups = [dict(saved, **{key: group[key] for key in _EXECUTION_FLAGS})
                   for saved, group in zip(state_dict["param_groups"], optimizer.param_groups)]
+        # Keep the checkpoint's own state tensors for _convert_loaded_state:
+        # Optimizer.load_state_dict casts them to the param dtype (lossy for a
+        # float32 state of bf16 params).
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        optimizer._loaded_state = {p: state_dict["state"][i] for i, p in zip(saved_ids, params)
+                                   if i in state_dict["state"]}
+        seed = state_dict.get("adopt_triton", {}).get("stochastic_round_seed")
+        if seed is not None and optimizer.bf16_stochastic_round:
+            optimizer.stochastic_round_seed = seed  # the resumed run continues the same random stream
         return dict(state_dict, param_groups=groups + state_dict["param_groups"][len(groups):])
+
+    @staticmethod
+    def _convert_loaded_state(optimizer: "ADOPT") -> None:
+        """A loaded exp_avg/exp_avg_sq takes this optimizer's state dtype
+        (float32 -> bf16 rounds to nearest even, bf16 -> float32 is exact),
+        converted from the checkpoint's own tensor; step goes where it is read."""
+        for param, saved in getattr(optimizer, "_loaded_state", {}).items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in saved:
+                    optimizer.state[param][key] = saved[key].detach().to(
+                        device=param.device, dtype=optimizer._state_dtype(param))
+        optimizer._loaded_state = {}
+        ADOPT._place_steps(optimizer)
 
     @staticmethod
     def _step_device(group: dict, param: Tensor) -> torch.device:
@@ -167,8 +225,10 @@ class ADOPT(Optimizer):
             if len(state) == 0:
                 state["step"] = torch.zeros((), dtype=torch.float32,
                                             device=ADOPT._step_device(group, param))
-                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                dtype = self._state_dtype(param)
+                state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype,
+                                                       memory_format=torch.preserve_format)
             if group["differentiable"] and state["step"].requires_grad:
                 raise RuntimeError(
                     "`requires_grad` is not supported for `step` in differentiable mode")
@@ -215,5 +275,6 @@ class ADOPT(Optimizer):
                                clip_lambda=self.clip_lambda, weight_decay=group["weight_decay"],
                                decouple=group["decouple"], maximize=group["maximize"],
                                grad_scale=getattr(self, "grad_scale", None),
-                               found_inf=getattr(self, "found_inf", None))
+                               found_inf=getattr(self, "found_inf", None),
+                               stochastic_round_seed=self.stochastic_round_seed)
         return loss

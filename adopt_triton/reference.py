@@ -14,6 +14,8 @@ kernels, which every x86-64 CPU of the last decade selects):
 * ``mul``, ``div``, ``clamp`` round once; ``clamp`` propagates NaN.
 * ``sqrt`` is taken in float64 and rounded once to the tensor's dtype (a
   correctly rounded sqrt; ATen's vectorised float32 ``sqrt`` is not always).
+* bf16/fp16 params, gradients or states are upcast to float32, updated as
+  above, and rounded once (to nearest even) when stored back.
 * Python-float hyper-parameters (``-lr``, ``1 - beta1``, ``1 - beta2``,
   ``-lr * weight_decay``) are computed in float64 and rounded to float32 when
   they reach the op, as every ATen op does with a Python scalar.
@@ -27,6 +29,11 @@ from torch import Tensor
 def _sqrt(t: Tensor) -> Tensor:
     """Correctly rounded sqrt in t's dtype (float64 computed, rounded once)."""
     return t.sqrt() if t.dtype == torch.float64 else t.double().sqrt().to(t.dtype)
+
+
+def upcast(t: Tensor) -> Tensor:
+    """float32 copy of a bf16/fp16 tensor; any other tensor itself."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
 def default_clip_lambda(step):
@@ -45,6 +52,8 @@ def adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
         if torch.is_complex(param):  # complex numbers are updated as pairs of reals
             param, grad, exp_avg, exp_avg_sq = map(torch.view_as_real,
                                                    (param, grad, exp_avg, exp_avg_sq))
+        stored = (param, exp_avg, exp_avg_sq)
+        param, grad, exp_avg, exp_avg_sq = map(upcast, (param, grad, exp_avg, exp_avg_sq))
         n = float(step_t)
         if maximize:
             grad = -grad
@@ -63,4 +72,7 @@ def adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
             exp_avg.lerp_(update, 1 - beta1)                           # fma
             param.add_(exp_avg, alpha=-lr)                             # fma
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # fma, after p
+        for original, computed in zip(stored, (param, exp_avg, exp_avg_sq)):
+            if computed is not original:
+                original.copy_(computed)  # one rounding to the stored dtype
         step_t += 1

@@ -22,7 +22,7 @@ hyper-parameters pre-rounded to float32 on the host (``StepScalars``), so the
 kernel is bit-exact to the reference on the CPU interpreter and on the GPU.
 """
 import struct
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -43,11 +43,40 @@ _PROPAGATE_NAN = tl.PropagateNan.ALL
 
 
 @triton.jit
+def _store(pointer, value, mask, random_bits, STOCHASTIC: tl.constexpr):
+    """Store float32 ``value`` in the pointer's dtype with one rounding: to
+    nearest even, or for bf16 with STOCHASTIC, up with probability equal to
+    the discarded fraction (16 random bits). bf16 is rounded with integer
+    ops, identically on the GPU and in the interpreter (which truncates)."""
+    if pointer.dtype.element_ty == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = tl.where(value != value, bits | 0x400000, bits)  # keep NaNs NaN (quiet bit)
+        if STOCHASTIC:
+            bits = bits + (random_bits & 0xFFFF)
+        else:
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        tl.store(pointer, rounded, mask=mask)
+    else:
+        tl.store(pointer, value.to(pointer.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _adopt_elementwise(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, mask,
                        neg_lr, weight_decay, neg_lr_weight_decay, lerp_coeff, lerp_from_end,
-                       beta2, one_minus_beta2, eps, clip, grad_scale,
+                       beta2, one_minus_beta2, eps, clip, grad_scale, seed, tensor, step,
                        FIRST_STEP: tl.constexpr, MAXIMIZE: tl.constexpr,
-                       WEIGHT_DECAY: tl.constexpr, CLIP: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
+                       WEIGHT_DECAY: tl.constexpr, CLIP: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                       STOCHASTIC: tl.constexpr):
+    # All arithmetic in float32, whatever the storage dtypes.
+    random_p = offsets  # unused unless STOCHASTIC
+    random_m = offsets
+    random_v = offsets
+    if STOCHASTIC:  # counter-based: the same bits for the same seed, step, tensor and element
+        random_p, random_m, random_v, _ = tl.philox(
+            seed, offsets.to(tl.uint32), (offsets >> 32).to(tl.uint32),
+            tl.zeros_like(offsets).to(tl.uint32) + tensor.to(tl.uint32),
+            tl.zeros_like(offsets).to(tl.uint32) + step.to(tl.uint32))
     grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
     if HAS_GRAD_SCALE:  # GradScaler: unscale in registers, nothing written back
         grad = tl.div_rn(grad, grad_scale)
@@ -59,7 +88,7 @@ def _adopt_elementwise(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets
         grad = tl.fma(param, weight_decay, grad)
     if FIRST_STEP:
         # v = g * g; p and m are neither read nor written.
-        tl.store(exp_avg_sq_ptr + offsets, grad * grad, mask=mask)
+        _store(exp_avg_sq_ptr + offsets, grad * grad, mask, random_v, STOCHASTIC)
     else:
         exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
         exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
@@ -74,18 +103,19 @@ def _adopt_elementwise(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets
         exp_avg = tl.fma(lerp_coeff, update - exp_avg, tl.where(lerp_from_end != 0, update, exp_avg))
         param = tl.fma(exp_avg, neg_lr, param)
         exp_avg_sq = tl.fma(one_minus_beta2 * grad, grad, exp_avg_sq * beta2)
-        tl.store(param_ptr + offsets, param, mask=mask)
-        tl.store(exp_avg_ptr + offsets, exp_avg, mask=mask)
-        tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq, mask=mask)
+        _store(param_ptr + offsets, param, mask, random_p, STOCHASTIC)
+        _store(exp_avg_ptr + offsets, exp_avg, mask, random_m, STOCHASTIC)
+        _store(exp_avg_sq_ptr + offsets, exp_avg_sq, mask, random_v, STOCHASTIC)
 
 
 @triton.jit
 def _adopt_kernel(meta_ptr, block_tensor_ptr, lr_ptr, clip_ptr, grad_scale_ptr, found_inf_ptr,
                   neg_lr, weight_decay, neg_lr_weight_decay, lerp_coeff, lerp_from_end,
-                  beta2, one_minus_beta2, eps,
-                  DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-                  CLIP: tl.constexpr, LR_ON_DEVICE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-                  HAS_FOUND_INF: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                  beta2, one_minus_beta2, eps, seed,
+                  DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr,
+                  WEIGHT_DECAY: tl.constexpr, CLIP: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
+                  HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+                  STOCHASTIC: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     tensor = tl.load(block_tensor_ptr + pid).to(tl.int64)
     row = meta_ptr + tensor * META_COLUMNS
@@ -94,8 +124,8 @@ def _adopt_kernel(meta_ptr, block_tensor_ptr, lr_ptr, clip_ptr, grad_scale_ptr, 
     mask = offsets < tl.load(row + META_NUMEL)
     param_ptr = tl.load(row + META_PARAM).to(tl.pointer_type(DTYPE))
     grad_ptr = tl.load(row + META_GRAD).to(tl.pointer_type(DTYPE))
-    exp_avg_ptr = tl.load(row + META_EXP_AVG).to(tl.pointer_type(DTYPE))
-    exp_avg_sq_ptr = tl.load(row + META_EXP_AVG_SQ).to(tl.pointer_type(DTYPE))
+    exp_avg_ptr = tl.load(row + META_EXP_AVG).to(tl.pointer_type(STATE_DTYPE))
+    exp_avg_sq_ptr = tl.load(row + META_EXP_AVG_SQ).to(tl.pointer_type(STATE_DTYPE))
     step = tl.load(tl.load(row + META_STEP).to(tl.pointer_type(tl.float32)))
     if LR_ON_DEVICE:  # as torch-adopt computes with a tensor lr: -(lr * wd) in float32
         lr = tl.load(lr_ptr).to(tl.float32)
@@ -111,8 +141,8 @@ def _adopt_kernel(meta_ptr, block_tensor_ptr, lr_ptr, clip_ptr, grad_scale_ptr, 
         if step == 0:
             _adopt_elementwise(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, mask,
                                neg_lr, weight_decay, neg_lr_weight_decay, lerp_coeff, lerp_from_end,
-                               beta2, one_minus_beta2, eps, 0.0, grad_scale,
-                               True, MAXIMIZE, WEIGHT_DECAY, CLIP, HAS_GRAD_SCALE)
+                               beta2, one_minus_beta2, eps, 0.0, grad_scale, seed, tensor, step,
+                               True, MAXIMIZE, WEIGHT_DECAY, CLIP, HAS_GRAD_SCALE, STOCHASTIC)
         else:
             clip = 0.0
             if CLIP == 1:  # n ** 0.25 in float64, rounded once, like the host's clip_lambda(n)
@@ -121,8 +151,8 @@ def _adopt_kernel(meta_ptr, block_tensor_ptr, lr_ptr, clip_ptr, grad_scale_ptr, 
                 clip = tl.load(clip_ptr + tensor).to(tl.float32)
             _adopt_elementwise(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, mask,
                                neg_lr, weight_decay, neg_lr_weight_decay, lerp_coeff, lerp_from_end,
-                               beta2, one_minus_beta2, eps, clip, grad_scale,
-                               False, MAXIMIZE, WEIGHT_DECAY, CLIP, HAS_GRAD_SCALE)
+                               beta2, one_minus_beta2, eps, clip, grad_scale, seed, tensor, step,
+                               False, MAXIMIZE, WEIGHT_DECAY, CLIP, HAS_GRAD_SCALE, STOCHASTIC)
 
 
 INTERPRETED = isinstance(_adopt_kernel, InterpretedFunction)
@@ -133,7 +163,9 @@ on the CPU through Triton's interpreter (CPU tensors allowed)."""
 # block size changes nothing in the arithmetic.
 BLOCK_SIZE, NUM_WARPS = (1 << 12, 1) if INTERPRETED else (2048, 8)
 
-_TRITON_DTYPES = {torch.float32: tl.float32}
+_TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+PARAM_DTYPES = tuple(_TRITON_DTYPES)  # of real params and gradients
+STATE_DTYPES = (torch.float32, torch.bfloat16)  # of exp_avg and exp_avg_sq
 
 
 def _f32(x: float) -> float:
@@ -195,20 +227,25 @@ def make_plan(key: tuple, device: torch.device) -> LaunchPlan:
 
 def adopt_step_(plan: LaunchPlan, dtype: torch.dtype, scalars: StepScalars, *, lr_tensor=None,
                 clip_mode: int, clip_values=None, grad_scale=None, found_inf=None,
-                maximize: bool, weight_decay_mode: int) -> None:
+                maximize: bool, weight_decay_mode: int, state_dtype: torch.dtype = torch.float32,
+                stochastic_round_seed: Optional[int] = None) -> None:
     """One ADOPT step, in place, for every tensor of ``plan``: one launch.
 
-    The tensors of a plan are real, of ``dtype``, each a dense array (all four
-    of a parameter with one layout); step counts are float32 on the device;
-    ``adopt_triton.fused`` ensures this. ``lr_tensor``, ``clip_values`` (one
-    per tensor), ``grad_scale`` and ``found_inf`` are optional device tensors.
-    Step counts are not incremented here.
+    The params and gradients of a plan are real, of ``dtype``, their states
+    of ``state_dtype``, each a dense array (all four of a parameter with one
+    layout); step counts are float32 on the device; ``adopt_triton.fused``
+    ensures this. ``lr_tensor``, ``clip_values`` (one per tensor),
+    ``grad_scale`` and ``found_inf`` are optional device tensors. With a
+    ``stochastic_round_seed``, bf16 stores round stochastically. Step counts
+    are not incremented here.
     """
     n_blocks = plan.block_tensor.numel()
     if n_blocks == 0:
         return
     _adopt_kernel[(n_blocks,)](
         plan.meta, plan.block_tensor, lr_tensor, clip_values, grad_scale, found_inf, *scalars,
-        DTYPE=_TRITON_DTYPES[dtype], MAXIMIZE=maximize, WEIGHT_DECAY=weight_decay_mode,
+        stochastic_round_seed or 0, DTYPE=_TRITON_DTYPES[dtype],
+        STATE_DTYPE=_TRITON_DTYPES[state_dtype], MAXIMIZE=maximize, WEIGHT_DECAY=weight_decay_mode,
         CLIP=clip_mode, LR_ON_DEVICE=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
-        HAS_FOUND_INF=found_inf is not None, BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS)
+        HAS_FOUND_INF=found_inf is not None, STOCHASTIC=stochastic_round_seed is not None,
+        BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS)

@@ -71,11 +71,15 @@ def test_bad_param_group_is_rejected_and_not_added():
     assert len(opt.param_groups) == 1
 
 
-@pytest.mark.parametrize("tensor", [torch.randn(5, dtype=torch.float64), torch.randn(5).half(),
-                                    torch.arange(5)], ids=["float64", "float16", "int64"])
+@pytest.mark.parametrize("tensor", [torch.randn(5, dtype=torch.float64), torch.arange(5),
+                                    torch.randn(5, dtype=torch.complex128)],
+                         ids=["float64", "int64", "complex128"])
 def test_fused_rejects_unsupported_dtypes_naming_them(tensor):
-    with pytest.raises(RuntimeError, match=rf"dtype {tensor.dtype} \(supported: torch.float32, torch.complex64\)"):
+    supported = "torch.float32, torch.bfloat16, torch.float16, torch.complex64"
+    before = tensor.clone()
+    with pytest.raises(RuntimeError, match=rf"dtype {tensor.dtype} \(supported: {supported}\)"):
         ADOPT([tensor], fused=True)
+    assert torch.equal(tensor, before)
 
 
 def test_unsupported_dtype_under_fused_none_runs_eager(launches):
@@ -104,9 +108,15 @@ def test_cpu_fused_without_the_interpreter_is_a_clear_error():
 
 
 def test_signature_matches_torch_adopt():
+    """torch-adopt's parameters first, identical; then ours, keyword-only,
+    whose defaults change nothing for torch-adopt's dtypes."""
     ours = inspect.signature(ADOPT.__init__).parameters
     theirs = inspect.signature(adopt.ADOPT.__init__).parameters
-    assert list(ours) == list(theirs)
+    assert list(ours)[:len(theirs)] == list(theirs)
+    extra = {name: ours[name] for name in list(ours)[len(theirs):]}
+    assert {name: p.default for name, p in extra.items()} == dict(
+        state_dtype=None, bf16_stochastic_round=False, stochastic_round_seed=None)
+    assert all(p.kind == inspect.Parameter.KEYWORD_ONLY for p in extra.values())
     for name in theirs:
         assert ours[name].kind == theirs[name].kind, name
         if name != "clip_lambda":
