@@ -1,4 +1,5 @@
 """``adopt_triton.ADOPT``: torch-adopt's optimizer class, run by a fused Triton kernel."""
+import warnings
 from typing import Callable, Optional, Tuple, Union
 
 import torch
@@ -97,6 +98,12 @@ class ADOPT(Optimizer):
         if bf16_stochastic_round and stochastic_round_seed is None:  # reproducible under torch.manual_seed
             stochastic_round_seed = int(torch.randint(2**31 - 1, ()))
         self.stochastic_round_seed = stochastic_round_seed if bf16_stochastic_round else None
+        if state_dtype == torch.bfloat16 and not bf16_stochastic_round and 1 - betas[1] < 2**-9:
+            warnings.warn(
+                f"state_dtype=torch.bfloat16 with beta2={betas[1]}: rounding to nearest, "
+                "exp_avg_sq * beta2 rounds back to exp_avg_sq (bf16 keeps 8 bits), so v follows "
+                "new gradients only when they move it by more than half a bf16 unit; "
+                "bf16_stochastic_round=True keeps every update unbiased", stacklevel=2)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decouple=decouple,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused)

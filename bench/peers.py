@@ -63,6 +63,8 @@ def _heavyball():
 
 IMPLEMENTATIONS: Dict[str, Callable[[], Callable]] = {
     "adopt_triton_fused": lambda: lambda params: ADOPT(params, fused=True),
+    "adopt_triton_fused_bf16_state": lambda: lambda params: ADOPT(
+        params, fused=True, state_dtype=torch.bfloat16, bf16_stochastic_round=True),
     "adopt_triton_foreach": lambda: lambda params: ADOPT(params, fused=False, foreach=True),
     "adopt_triton_reference": lambda: lambda params: ADOPT(params, fused=False, foreach=False),
     "reference_torch_compile": lambda: CompiledReference,

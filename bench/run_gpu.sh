@@ -33,7 +33,7 @@ python3 bench/bandwidth.py 2>&1 | tee "$OUT/bandwidth.log" | tail -25
 # 3. Step time of every implementation; fast ones first, so that a run cut
 #    short still has the headline rows.
 BENCH="python3 -m pytest bench -q -p no:cacheprovider --benchmark-only --benchmark-min-rounds=5 --benchmark-max-time=0.5"
-ADOPT_BENCH_IMPLS=adopt_triton_fused,torch_adopt_foreach,torch_adamw_fused,torch_adamw_foreach \
+ADOPT_BENCH_IMPLS=adopt_triton_fused,adopt_triton_fused_bf16_state,torch_adopt_foreach,torch_adamw_fused,torch_adamw_foreach \
     $BENCH 2>&1 | tee "$OUT/bench-core.log" | tail -5
 ADOPT_BENCH_IMPLS=adopt_triton_foreach,adopt_triton_reference,torch_adopt_single_tensor,timm_adopt,pytorch_optimizer_adopt,heavyball_adopt,reference_torch_compile \
     $BENCH 2>&1 | tee "$OUT/bench-peers.log" | tail -5

@@ -33,10 +33,12 @@ def test_benchmarks_run_on_cpu_and_write_labelled_results(tmp_path):
     measured = {row["impl"] for row in data["rows"] if row["dtype"] == "float32"}
     for impl in impls:  # measured, or reported absent with a reason: never dropped
         assert impl in measured or data["absent"].get(impl), impl
-    cases = {row["case"] for row in data["rows"] if row["impl"] == "adopt_triton_fused"}
-    assert cases == {"one_tensor_2^10", "gpt2_124m_shaped", "small_tensors_x1000"}
+    for dtype in ("float32", "bfloat16"):
+        cases = {row["case"] for row in data["rows"] if row["impl"] == "adopt_triton_fused" and row["dtype"] == dtype}
+        assert cases == {"one_tensor_2^10", "gpt2_124m_shaped", "small_tensors_x1000"}
     sweep_rows = [r for r in data["rows"] if r["case"] == "kernel_sweep"]
-    assert {r["impl"] for r in sweep_rows} == {"adopt_triton_kernel_update", "adopt_triton_kernel_first_step"}
+    assert {r["impl"] for r in sweep_rows} == {"adopt_triton_kernel_update", "adopt_triton_kernel_update_bf16",
+                                               "adopt_triton_kernel_first_step"}
     for row in data["rows"]:
         assert row["ms"] > 0 and row["gbps"] > 0 and row["pct_of_copy_bw"] > 0
     render = run(["bench/render.py", str(results)], env)
