@@ -3,6 +3,7 @@ from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from adopt_triton import reference
 from adopt_triton.foreach import foreach_adopt
@@ -53,9 +54,35 @@ def _check_operands(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Te
                 f"parameter ({tuple(param.shape)}, {param.dtype}, {param.device})")
 
 
+def _check_sharding(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
+                    exp_avg_sqs: List[Tensor]) -> None:
+    """DTensor parameters (FSDP2): all of a group or none, each with its
+    gradient and state sharded like it, and one device for the group."""
+    sharded = [isinstance(p, DTensor) for p in params]
+    if any(sharded) and not all(sharded):
+        raise RuntimeError(
+            "ADOPT: a param group mixes DTensor parameters (indices "
+            f"{[i for i, s in enumerate(sharded) if s]}) with plain tensors (indices "
+            f"{[i for i, s in enumerate(sharded) if not s]}); put them in separate param groups")
+    if not any(sharded):
+        return
+    if len({p.device for p in params}) > 1:
+        raise RuntimeError("ADOPT: the DTensor shards of one param group are on different devices "
+                           f"({sorted({str(p.device) for p in params})})")
+    for index, (param, grad, exp_avg, exp_avg_sq) in enumerate(zip(params, grads, exp_avgs,
+                                                                   exp_avg_sqs)):
+        for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+            if not isinstance(t, DTensor) or t.placements != param.placements \
+                    or t.device_mesh != param.device_mesh:
+                raise RuntimeError(f"ADOPT: the {name} of DTensor parameter {index} is not sharded "
+                                   f"like it ({getattr(t, 'placements', 'a plain tensor')} vs "
+                                   f"{param.placements})")
+
+
 def check(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
           exp_avg_sqs: List[Tensor], fused: Optional[bool]) -> None:
     """Raise before any update if a tensor cannot be updated as asked."""
+    _check_sharding(params, grads, exp_avgs, exp_avg_sqs)
     for param, grad, exp_avg, exp_avg_sq in zip(params, grads, exp_avgs, exp_avg_sqs):
         _check_operands(param, grad, exp_avg, exp_avg_sq)
         if fused:

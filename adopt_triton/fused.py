@@ -11,6 +11,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from adopt_triton import reference
 from adopt_triton.kernels import adopt as kernel
@@ -55,6 +56,11 @@ def _kernel_operands(param: Tensor, grad: Tensor, exp_avg: Tensor,
             if i != 1:  # the gradient is only read
                 write_back.append((t, staged))
     return operands, write_back
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (sharing its storage); any other tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _clip_values(clip_lambda: Callable, steps: List[Tensor]) -> Tensor:
@@ -153,7 +159,9 @@ def fused_adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor
     groups: Dict[tuple, list] = {}
     for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs,
                                                       state_steps):
-        operands, write_back = _kernel_operands(param, grad, exp_avg, exp_avg_sq)
+        # DTensor shards (FSDP2): the update is element-wise, so each rank
+        # updates its local shard in place, with no communication.
+        operands, write_back = _kernel_operands(*map(_local, (param, grad, exp_avg, exp_avg_sq)))
         group = groups.setdefault((param.device, operands[0].dtype, operands[2].dtype),
                                   [[], [], [], [], [], []])
         for column, tensor in zip(group, operands + [step]):

@@ -1,0 +1,192 @@
+"""Worker processes of tests/test_distributed.py (gloo, CPU tensors, the fused
+kernel under Triton's interpreter). Each job trains the same small
+transformer-like model and writes what the test compares to `out_dir`."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.distributed.checkpoint as dcp  # noqa: E402
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict  # noqa: E402
+from torch.distributed.fsdp import fully_shard  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+
+from adopt_triton import ADOPT  # noqa: E402
+
+VOCAB, WIDTH, BATCH, SEQ = 37, 16, 8, 5
+OPTIONS = dict(lr=1e-2, weight_decay=0.01, decouple=True, fused=True)
+
+
+class TinyLM(torch.nn.Module):
+    """Embeddings, pre-norm MLP blocks, a final norm and head, and a 1-wide
+    linear whose shards are empty on the second rank."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, WIDTH)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.LayerNorm(WIDTH), torch.nn.Linear(WIDTH, 3 * WIDTH),
+                                torch.nn.GELU(), torch.nn.Linear(3 * WIDTH, WIDTH)) for _ in range(2))
+        self.norm = torch.nn.LayerNorm(WIDTH)
+        self.head = torch.nn.Linear(WIDTH, VOCAB)
+        self.gate = torch.nn.Linear(WIDTH, 1)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(self.norm(h)) * torch.sigmoid(self.gate(h))
+
+
+def make_model():
+    torch.manual_seed(0)
+    return TinyLM()
+
+
+def batch(step, rank, world):
+    """Rank `rank`'s share of the global batch of step `step`."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=gen)
+    share = tokens.chunk(world)[rank]
+    return share[:, :-1], share[:, 1:]
+
+
+def train(model, optimizer, steps, rank, world):
+    for step in steps:
+        inputs, targets = batch(step, rank, world)
+        loss = torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def full_params(model):
+    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for name, p in model.named_parameters()}
+
+
+def shard(model):
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def single_process(steps):
+    """The reference: one process, the global batch (the mean of the ranks' losses)."""
+    model = make_model()
+    optimizer = ADOPT(model.parameters(), **OPTIONS)
+    for step in range(steps):
+        losses = []
+        for rank in range(2):
+            inputs, targets = batch(step, rank, 2)
+            losses.append(torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten()))
+        optimizer.zero_grad()
+        (sum(losses) / 2).backward()
+        optimizer.step()
+    return full_params(model)
+
+
+def _init(rank, world, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def fsdp_job(rank, world, port, out_dir, steps):
+    _init(rank, world, port)
+    try:
+        model = shard(make_model())
+        optimizer = ADOPT(model.parameters(), **OPTIONS)
+        train(model, optimizer, range(steps), rank, world)
+        state = next(iter(optimizer.state.values()))
+        assert type(state["exp_avg"]).__name__ == "DTensor"  # state sharded like its param
+        params = full_params(model)
+        if rank == 0:
+            torch.save(params, os.path.join(out_dir, "fsdp.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_job(rank, world, port, out_dir, steps):
+    _init(rank, world, port)
+    try:
+        model = DistributedDataParallel(make_model())
+        optimizer = ADOPT(model.parameters(), **OPTIONS)
+        train(model, optimizer, range(steps), rank, world)
+        if rank == 0:
+            torch.save(full_params(model.module), os.path.join(out_dir, "ddp.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def checkpoint_job(rank, world, port, out_dir, steps, save_at):
+    """Uninterrupted FSDP run; then a run that saves a distributed checkpoint
+    at `save_at`, and a fresh model and optimizer that load it and go on."""
+    _init(rank, world, port)
+    try:
+        model = shard(make_model())
+        optimizer = ADOPT(model.parameters(), **OPTIONS)
+        train(model, optimizer, range(steps), rank, world)
+        straight = full_params(model)
+
+        model = shard(make_model())
+        optimizer = ADOPT(model.parameters(), **OPTIONS)
+        train(model, optimizer, range(save_at), rank, world)
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=os.path.join(out_dir, "ckpt"))
+
+        model = shard(make_model())
+        optimizer = ADOPT(model.parameters(), **OPTIONS)
+        resume(model, optimizer, out_dir)
+        train(model, optimizer, range(save_at, steps), rank, world)
+        resumed = full_params(model)
+        if rank == 0:
+            torch.save({"straight": straight, "resumed": resumed}, os.path.join(out_dir, "dcp.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def resume(model, optimizer, out_dir):
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=os.path.join(out_dir, "ckpt"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def reshard_job(rank, world, port, out_dir, steps, save_at):
+    """Load the 2-rank checkpoint into `world` ranks and train on."""
+    _init(rank, world, port)
+    try:
+        model = shard(make_model())
+        optimizer = ADOPT(model.parameters(), **OPTIONS)
+        resume(model, optimizer, out_dir)
+        train(model, optimizer, range(save_at, steps), rank, world)
+        params = full_params(model)
+        if rank == 0:
+            torch.save(params, os.path.join(out_dir, f"reshard{world}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def mixed_group_job(rank, world, port, out_dir):
+    """A param group mixing DTensor and plain tensors: a clear error, nothing updated."""
+    _init(rank, world, port)
+    try:
+        sharded = shard(make_model())
+        plain = torch.nn.Linear(3, 3)
+        optimizer = ADOPT(list(sharded.parameters()) + list(plain.parameters()), **OPTIONS)
+        inputs, targets = batch(0, rank, world)
+        loss = torch.nn.functional.cross_entropy(sharded(inputs).flatten(0, 1), targets.flatten())
+        (loss + plain(torch.randn(2, 3)).sum()).backward()
+        before = [p.detach().clone() for p in plain.parameters()]
+        try:
+            optimizer.step()
+            message = "no error"
+        except RuntimeError as error:
+            message = str(error)
+        unchanged = all(torch.equal(a, b) for a, b in zip(before, plain.parameters()))
+        if rank == 0:
+            torch.save({"message": message, "unchanged": unchanged}, os.path.join(out_dir, "mixed.pt"))
+    finally:
+        dist.destroy_process_group()
