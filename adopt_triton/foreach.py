@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import Tensor
 
+from adopt_triton.fused import local_shard
 from adopt_triton.reference import upcast
 
 
@@ -20,7 +21,8 @@ def foreach_adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tens
                   beta2: float, eps: float, clip_lambda: Optional[Callable[[float], float]],
                   weight_decay: float, decouple: bool, maximize: bool) -> None:
     lr = float(lr)
-    stored = [[torch.view_as_real(t) if t.is_complex() else t for t in column]
+    # Element-wise, so DTensor shards (FSDP2) are updated as their local tensors.
+    stored = [[torch.view_as_real(t) if t.is_complex() else t for t in map(local_shard, column)]
               for column in (params, grads, exp_avgs, exp_avg_sqs)]
     tensors = [[upcast(t) for t in column] for column in stored]  # float32 math, as the reference
     by_step: Dict[float, List[int]] = {}
@@ -33,7 +35,8 @@ def foreach_adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tens
         if weight_decay != 0 and not decouple:
             grad = torch._foreach_add(grad, param, alpha=weight_decay)
         if n == 0:
-            torch._foreach_copy_(exp_avg_sq, torch._foreach_mul(grad, grad))
+            for target, square in zip(exp_avg_sq, torch._foreach_mul(grad, grad)):
+                target.copy_(square)
             continue
         if weight_decay != 0 and decouple:
             torch._foreach_add_(param, param, alpha=-lr * weight_decay)
@@ -49,7 +52,7 @@ def foreach_adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tens
         torch._foreach_mul_(exp_avg_sq, beta2)
         torch._foreach_addcmul_(exp_avg_sq, grad, grad, value=1 - beta2)
     for column in (0, 2, 3):  # round upcast params and states back, once
-        pairs = [(s, t) for s, t in zip(stored[column], tensors[column]) if s is not t]
-        if pairs:
-            torch._foreach_copy_(*map(list, zip(*pairs)))
+        for original, computed in zip(stored[column], tensors[column]):
+            if computed is not original:
+                original.copy_(computed)
     torch._foreach_add_(state_steps, 1)

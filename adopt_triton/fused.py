@@ -58,7 +58,7 @@ def _kernel_operands(param: Tensor, grad: Tensor, exp_avg: Tensor,
     return operands, write_back
 
 
-def _local(t: Tensor) -> Tensor:
+def local_shard(t: Tensor) -> Tensor:
     """A DTensor's local shard (sharing its storage); any other tensor itself."""
     return t.to_local() if isinstance(t, DTensor) else t
 
@@ -161,7 +161,7 @@ def fused_adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor
                                                       state_steps):
         # DTensor shards (FSDP2): the update is element-wise, so each rank
         # updates its local shard in place, with no communication.
-        operands, write_back = _kernel_operands(*map(_local, (param, grad, exp_avg, exp_avg_sq)))
+        operands, write_back = _kernel_operands(*map(local_shard, (param, grad, exp_avg, exp_avg_sq)))
         group = groups.setdefault((param.device, operands[0].dtype, operands[2].dtype),
                                   [[], [], [], [], [], []])
         for column, tensor in zip(group, operands + [step]):

@@ -93,17 +93,17 @@ def _init(rank, world, port):
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
-def fsdp_job(rank, world, port, out_dir, steps):
+def fsdp_job(rank, world, port, out_dir, steps, fused=True):
     _init(rank, world, port)
     try:
         model = shard(make_model())
-        optimizer = ADOPT(model.parameters(), **OPTIONS)
+        optimizer = ADOPT(model.parameters(), **dict(OPTIONS, fused=fused))
         train(model, optimizer, range(steps), rank, world)
         state = next(iter(optimizer.state.values()))
         assert type(state["exp_avg"]).__name__ == "DTensor"  # state sharded like its param
         params = full_params(model)
         if rank == 0:
-            torch.save(params, os.path.join(out_dir, "fsdp.pt"))
+            torch.save(params, os.path.join(out_dir, f"fsdp_fused{fused}.pt"))
     finally:
         dist.destroy_process_group()
 

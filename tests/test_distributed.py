@@ -33,9 +33,10 @@ def assert_same_params(actual, expected):
         torch.testing.assert_close(actual[name], expected[name], msg=lambda m: f"{name}: {m}")
 
 
-def test_fsdp2_training_matches_one_process(tmp_path, single_process_params):
-    spawn(worker.fsdp_job, 2, str(tmp_path), STEPS)
-    assert_same_params(torch.load(tmp_path / "fsdp.pt"), single_process_params)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_kernel", "eager_foreach"])
+def test_fsdp2_training_matches_one_process(tmp_path, single_process_params, fused):
+    spawn(worker.fsdp_job, 2, str(tmp_path), STEPS, fused)
+    assert_same_params(torch.load(tmp_path / f"fsdp_fused{fused}.pt"), single_process_params)
 
 
 def test_ddp_training_matches_one_process(tmp_path, single_process_params):
