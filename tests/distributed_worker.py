@@ -169,6 +169,33 @@ def reshard_job(rank, world, port, out_dir, steps, save_at):
         dist.destroy_process_group()
 
 
+def deepspeed_job(rank, world, port, out_dir, steps, stage):
+    """DeepSpeed ZeRO stage 1/2 with adopt_triton.ADOPT as the client
+    optimizer: it updates DeepSpeed's flat fp32 partition of this rank."""
+    import deepspeed
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    deepspeed.init_distributed(dist_backend="gloo")
+    try:
+        model = make_model()
+        optimizer = ADOPT(model.parameters(), **OPTIONS)
+        config = {"train_micro_batch_size_per_gpu": BATCH // world, "gradient_accumulation_steps": 1,
+                  "zero_allow_untested_optimizer": True, "zero_optimization": {"stage": stage},
+                  "steps_per_print": 10**6}
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        flat = [p for group in optimizer.param_groups for p in group["params"]]
+        assert len(flat) == 1 and flat[0].dim() == 1  # the flat partition, not the model's tensors
+        for step in range(steps):
+            inputs, targets = batch(step, rank, world)
+            loss = torch.nn.functional.cross_entropy(engine(inputs).flatten(0, 1), targets.flatten())
+            engine.backward(loss)
+            engine.step()
+        if rank == 0:
+            torch.save(full_params(model), os.path.join(out_dir, f"zero{stage}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
 def mixed_group_job(rank, world, port, out_dir):
     """A param group mixing DTensor and plain tensors: a clear error, nothing updated."""
     _init(rank, world, port)

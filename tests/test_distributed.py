@@ -56,6 +56,12 @@ def test_distributed_checkpoint_resume_and_reshard(tmp_path, single_process_para
     assert_same_params(torch.load(tmp_path / "reshard1.pt"), single_process_params)
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_zero_matches_one_process(tmp_path, single_process_params, stage):
+    spawn(worker.deepspeed_job, 2, str(tmp_path), STEPS, stage)
+    assert_same_params(torch.load(tmp_path / f"zero{stage}.pt"), single_process_params)
+
+
 def test_mixed_dtensor_and_plain_group_is_a_clear_error(tmp_path):
     spawn(worker.mixed_group_job, 2, str(tmp_path))
     result = torch.load(tmp_path / "mixed.pt")
