@@ -116,14 +116,15 @@ def apply(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
           foreach: Optional[bool] = None, **options) -> None:
     """One ADOPT step over checked lists of tensors: each tensor goes to the
     fused kernel (as ``use_fused`` decides) or to an eager path."""
-    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
     fused_mask = [use_fused(fused, p) for p in params]
-    for wanted in (True, False):
-        selected = [[t for t, f in zip(lst, fused_mask) if f == wanted] for lst in lists]
-        if selected[0] and wanted:
-            fused_adopt(*selected, **options)
-        elif selected[0]:
-            _eager_adopt(*selected, foreach=foreach, **options)
+
+    def select(wanted):
+        return [[t for t, f in zip(column, fused_mask) if f == wanted]
+                for column in (params, grads, exp_avgs, exp_avg_sqs, state_steps)]
+    if any(fused_mask):
+        fused_adopt(*select(True), **options)
+    if not all(fused_mask):
+        _eager_adopt(*select(False), foreach=foreach, **options)
 
 
 def adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],

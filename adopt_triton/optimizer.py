@@ -56,21 +56,30 @@ class ADOPT(Optimizer):
     """ADOPT (Taniguchi et al., NeurIPS 2024), a drop-in for torch-adopt's ``adopt.ADOPT``.
 
     Same constructor, param-group keys, state (``step``, ``exp_avg``,
-    ``exp_avg_sq``) and numbers as torch-adopt 0.1.0; the update of each
-    tensor runs as one fused Triton kernel (one memory pass) where
-    ``fused`` allows it:
+    ``exp_avg_sq``) and numbers as torch-adopt 0.1.0. Where ``fused``
+    allows it, all tensors of a group that share a device and dtype are
+    updated by one launch of one fused Triton kernel (one memory pass):
 
-    * ``fused=None`` (default): the kernel for CUDA float32/complex64
-      tensors, the eager reference (``adopt_triton.reference``) otherwise.
+    * ``fused=None`` (default): the kernel for CUDA float32/bf16/fp16/complex64
+      tensors, an eager path otherwise (``foreach`` unless ``foreach=False``,
+      then the single-tensor reference ``adopt_triton.reference``).
     * ``fused=True``: the kernel for every tensor; an error at construction
       for a tensor it cannot take. CPU tensors run it only under Triton's
       interpreter (``TRITON_INTERPRET=1``), as the test suite does.
-    * ``fused=False`` or ``differentiable=True``: the eager reference.
+    * ``fused=False``: the eager paths; ``differentiable=True``: the
+      single-tensor reference under autograd.
 
     ``clip_lambda(n)`` receives the tensor's step count before this step
     (1.0 on the first update) and returns the clip value; ``None`` disables
-    clipping (ADOPT without clipping, the paper's Algorithm 1). Like
-    torch-adopt, it is kept on the optimizer, not in ``state_dict``.
+    clipping (the paper's Algorithm 1). Like torch-adopt, it is kept on the
+    optimizer, not in ``state_dict``. The default ``n ** 0.25`` is computed in
+    the kernel; any other callable is evaluated on the device on a float32
+    tensor of step counts (as torch-adopt's foreach path does).
+
+    Beyond torch-adopt's signature (keyword-only): ``state_dtype`` (None:
+    float32 for bf16/fp16 params, the param's dtype otherwise; or
+    ``torch.bfloat16``), ``bf16_stochastic_round`` and
+    ``stochastic_round_seed`` (fused kernel only). See the README.
     """
 
     # GradScaler hands this optimizer `grad_scale` and `found_inf` instead of

@@ -125,44 +125,44 @@ def checkpoint_job(rank, world, port, out_dir, steps, save_at):
     at `save_at`, and a fresh model and optimizer that load it and go on."""
     _init(rank, world, port)
     try:
-        model = shard(make_model())
-        optimizer = ADOPT(model.parameters(), **OPTIONS)
+        model, optimizer = sharded_model_and_optimizer()
         train(model, optimizer, range(steps), rank, world)
         straight = full_params(model)
 
-        model = shard(make_model())
-        optimizer = ADOPT(model.parameters(), **OPTIONS)
+        model, optimizer = sharded_model_and_optimizer()
         train(model, optimizer, range(save_at), rank, world)
         model_state, optim_state = get_state_dict(model, optimizer)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=os.path.join(out_dir, "ckpt"))
 
-        model = shard(make_model())
-        optimizer = ADOPT(model.parameters(), **OPTIONS)
-        resume(model, optimizer, out_dir)
-        train(model, optimizer, range(save_at, steps), rank, world)
-        resumed = full_params(model)
+        resumed = resumed_run(rank, world, out_dir, steps, save_at)
         if rank == 0:
             torch.save({"straight": straight, "resumed": resumed}, os.path.join(out_dir, "dcp.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def resume(model, optimizer, out_dir):
+def sharded_model_and_optimizer():
+    model = shard(make_model())
+    return model, ADOPT(model.parameters(), **OPTIONS)
+
+
+def resumed_run(rank, world, out_dir, steps, save_at):
+    """A fresh sharded model and optimizer load the checkpoint and train on;
+    their full params at the end."""
+    model, optimizer = sharded_model_and_optimizer()
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=os.path.join(out_dir, "ckpt"))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train(model, optimizer, range(save_at, steps), rank, world)
+    return full_params(model)
 
 
 def reshard_job(rank, world, port, out_dir, steps, save_at):
     """Load the 2-rank checkpoint into `world` ranks and train on."""
     _init(rank, world, port)
     try:
-        model = shard(make_model())
-        optimizer = ADOPT(model.parameters(), **OPTIONS)
-        resume(model, optimizer, out_dir)
-        train(model, optimizer, range(save_at, steps), rank, world)
-        params = full_params(model)
+        params = resumed_run(rank, world, out_dir, steps, save_at)
         if rank == 0:
             torch.save(params, os.path.join(out_dir, f"reshard{world}.pt"))
     finally:

@@ -107,6 +107,15 @@ def test_cpu_fused_without_the_interpreter_is_a_clear_error():
     assert "TRITON_INTERPRET=1" in out.stdout
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or not kernel.INTERPRETED,
+                    reason="needs a CUDA tensor while the kernels are interpreted")
+def test_interpreted_kernel_refuses_cuda_tensors():
+    """The interpreter reads launch tables as host addresses: CUDA tensors are
+    refused under TRITON_INTERPRET=1 (fused=None sends them to the eager path)."""
+    with pytest.raises(RuntimeError, match="runs on CPU tensors only"):
+        ADOPT([torch.nn.Parameter(torch.randn(3, device="cuda"))], fused=True)
+
+
 def test_signature_matches_torch_adopt():
     """torch-adopt's parameters first, identical; then ours, keyword-only,
     whose defaults change nothing for torch-adopt's dtypes."""
