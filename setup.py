@@ -17,7 +17,7 @@ setup(
         # pandas and matplotlib: the CPU smoke run of bench/ (triton's perf_report, plots).
         "test": ["pytest", "pytest-benchmark", "numpy", "torch-adopt==0.1.0", "pandas", "matplotlib",
                  "deepspeed==0.19.8", "scikit-learn"],
-        "examples": ["scikit-learn", "tqdm", "matplotlib", "torch-adopt==0.1.0"],
+        "examples": ["scikit-learn", "tqdm", "matplotlib", "numpy", "pillow", "torch-adopt==0.1.0"],
         # Peers compared in bench/. timm needs torchvision, hence a torch build that has one.
         "bench": ["pytest-benchmark", "pandas", "matplotlib", "torch-adopt==0.1.0",
                   "pytorch-optimizer==4.1.0", "heavyball==3.2.1", "timm==1.0.31"],

@@ -3,9 +3,11 @@ write their CSV and plot, and reject bad data directories clearly."""
 import csv
 import os
 import pathlib
+import pickle
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -64,3 +66,73 @@ def test_fsdp_example_smoke(tmp_path):
                            "--resume"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "step     3" in resumed.stdout
+
+
+def make_cifar_dir(root, images_per_batch=6):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    gen = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        entry = {"data": gen.integers(0, 256, (images_per_batch, 3072), dtype=np.uint8),
+                 "labels": gen.integers(0, 10, images_per_batch).tolist()}
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f)
+    return folder
+
+
+def make_image_folder(root):
+    from PIL import Image
+    gen = np.random.default_rng(0)
+    for split, count in (("train", 5), ("val", 2)):
+        for label in ("n01", "n02"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):
+                pixels = gen.integers(0, 256, (int(gen.integers(40, 90)), int(gen.integers(40, 90)), 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / label / f"{i}.jpg")
+
+
+RESNET = ["examples/resnet_train.py", "--epochs", "1", "--batch-size", "4", "--workers", "0"]
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "imagenet"])
+def test_resnet_training_on_local_data_and_resume(tmp_path, dataset):
+    """The real loaders (CIFAR-10 pickles, an ImageFolder of JPEGs) on tiny
+    generated data, one epoch, then --resume for a second."""
+    data = tmp_path / "data"
+    make_cifar_dir(data) if dataset == "cifar10" else make_image_folder(data)
+    args = RESNET + ["--dataset", dataset, "--data", str(data), "--out", str(tmp_path)]
+    if dataset == "imagenet":
+        args += ["--subset", "0.8"]  # 4 of 5 images per class: 8 images, 2 batches
+    first = run_example(args, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_example([*args[:2], "2", *args[3:], "--resume"], tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed" in second.stdout
+    rows = read_csv(tmp_path / f"resnet_{dataset}_adopt.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert (tmp_path / f"resnet_{dataset}_adopt.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "imagenet"])
+def test_resnet_training_fake_data_mixed_precision(tmp_path, dataset):
+    args = RESNET + ["--dataset", dataset, "--fake-data", "--fake-size", "8", "--image-size", "32",
+                     "--precision", "fp16", "--optimizer", "adamw" if dataset == "imagenet" else "adopt",
+                     "--out", str(tmp_path)]
+    result = run_example(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "epoch   1" in result.stdout
+
+
+@pytest.mark.parametrize("dataset,layout,message", [
+    ("cifar10", "missing", "Expected torchvision's layout"),
+    ("cifar10", "malformed", "is not a CIFAR-10 python batch"),
+    ("imagenet", "missing", "Expected torchvision's ImageFolder layout"),
+])
+def test_resnet_training_rejects_bad_data_directories(tmp_path, dataset, layout, message):
+    data = tmp_path / "data"
+    if layout == "malformed":
+        folder = make_cifar_dir(data)
+        (folder / "data_batch_3").write_bytes(b"not a pickle")
+    result = run_example(RESNET + ["--dataset", dataset, "--data", str(data), "--out", str(tmp_path)], tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert message in result.stderr and str(data) in result.stderr
