@@ -39,7 +39,7 @@ NO_CLIP, DEFAULT_CLIP, CLIP_PER_TENSOR = 0, 1, 2
  META_STEP) = map(tl.constexpr, range(7))
 META_COLUMNS = tl.constexpr(7)
 
-_PROPAGATE_NAN = tl.PropagateNan.ALL
+_PROPAGATE_NAN = tl.constexpr(tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -65,9 +65,8 @@ def _store(pointer, value, mask, random_bits, STOCHASTIC: tl.constexpr):
 def _adopt_elementwise(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, mask,
                        neg_lr, weight_decay, neg_lr_weight_decay, lerp_coeff, lerp_from_end,
                        beta2, one_minus_beta2, eps, clip, grad_scale, seed, tensor, step,
-                       FIRST_STEP: tl.constexpr, MAXIMIZE: tl.constexpr,
-                       WEIGHT_DECAY: tl.constexpr, CLIP: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-                       STOCHASTIC: tl.constexpr):
+                       MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, CLIP: tl.constexpr,
+                       HAS_GRAD_SCALE: tl.constexpr, STOCHASTIC: tl.constexpr):
     # All arithmetic in float32, whatever the storage dtypes.
     random_p = offsets  # unused unless STOCHASTIC
     random_m = offsets
@@ -82,16 +81,17 @@ def _adopt_elementwise(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets
         grad = tl.div_rn(grad, grad_scale)
     if MAXIMIZE:
         grad = -grad
-    if (not FIRST_STEP) or (WEIGHT_DECAY == 1):
-        param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
-    if WEIGHT_DECAY == 1:  # L2: g = g + wd * p, also on the first step
-        grad = tl.fma(param, weight_decay, grad)
-    if FIRST_STEP:
-        # v = g * g; p and m are neither read nor written.
+    if step == 0:
+        # First step: v = g * g; p is read only for coupled weight decay, m not at all.
+        if WEIGHT_DECAY == 1:
+            grad = tl.fma(tl.load(param_ptr + offsets, mask=mask).to(tl.float32), weight_decay, grad)
         _store(exp_avg_sq_ptr + offsets, grad * grad, mask, random_v, STOCHASTIC)
     else:
+        param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
         exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
         exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
+        if WEIGHT_DECAY == 1:  # L2: g = g + wd * p
+            grad = tl.fma(param, weight_decay, grad)
         if WEIGHT_DECAY == 2:  # AdamW-style: p = p - lr * wd * p
             param = tl.fma(param, neg_lr_weight_decay, param)
         # Delayed v: normalise by the v of the previous step, then update v last.
@@ -115,17 +115,23 @@ def _adopt_kernel(meta_ptr, block_tensor_ptr, lr_ptr, clip_ptr, grad_scale_ptr, 
                   DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr,
                   WEIGHT_DECAY: tl.constexpr, CLIP: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
                   HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-                  STOCHASTIC: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                  STOCHASTIC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     tensor = tl.load(block_tensor_ptr + pid).to(tl.int64)
     row = meta_ptr + tensor * META_COLUMNS
     # int64 offsets: a tensor may exceed 2**31 elements.
-    offsets = (pid - tl.load(row + META_FIRST_BLOCK)) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = offsets < tl.load(row + META_NUMEL)
+    block_start = (pid - tl.load(row + META_FIRST_BLOCK)) * BLOCK_SIZE
+    offsets = block_start + tl.arange(0, BLOCK_SIZE)
+    numel = tl.load(row + META_NUMEL)
     param_ptr = tl.load(row + META_PARAM).to(tl.pointer_type(DTYPE))
     grad_ptr = tl.load(row + META_GRAD).to(tl.pointer_type(DTYPE))
     exp_avg_ptr = tl.load(row + META_EXP_AVG).to(tl.pointer_type(STATE_DTYPE))
     exp_avg_sq_ptr = tl.load(row + META_EXP_AVG_SQ).to(tl.pointer_type(STATE_DTYPE))
+    if ALIGNED:  # every address 16-byte aligned (checked on the host): vector loads
+        param_ptr = tl.multiple_of(param_ptr, 16)
+        grad_ptr = tl.multiple_of(grad_ptr, 16)
+        exp_avg_ptr = tl.multiple_of(exp_avg_ptr, 16)
+        exp_avg_sq_ptr = tl.multiple_of(exp_avg_sq_ptr, 16)
     step = tl.load(tl.load(row + META_STEP).to(tl.pointer_type(tl.float32)))
     if LR_ON_DEVICE:  # as torch-adopt computes with a tensor lr: -(lr * wd) in float32
         lr = tl.load(lr_ptr).to(tl.float32)
@@ -134,25 +140,26 @@ def _adopt_kernel(meta_ptr, block_tensor_ptr, lr_ptr, clip_ptr, grad_scale_ptr, 
     grad_scale = 1.0
     if HAS_GRAD_SCALE:
         grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
+    clip = 0.0
+    if CLIP == 1:  # n ** 0.25 in float64, rounded once, like the host's clip_lambda(n)
+        clip = tl.sqrt(tl.sqrt(step.to(tl.float64))).to(tl.float32)
+    if CLIP == 2:
+        clip = tl.load(clip_ptr + tensor).to(tl.float32)
     found_inf = 0.0
     if HAS_FOUND_INF:  # GradScaler saw an inf/NaN: leave everything untouched
         found_inf = tl.load(found_inf_ptr).to(tl.float32)
     if found_inf == 0:
-        if step == 0:
-            _adopt_elementwise(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, mask,
-                               neg_lr, weight_decay, neg_lr_weight_decay, lerp_coeff, lerp_from_end,
-                               beta2, one_minus_beta2, eps, 0.0, grad_scale, seed, tensor, step,
-                               True, MAXIMIZE, WEIGHT_DECAY, CLIP, HAS_GRAD_SCALE, STOCHASTIC)
-        else:
-            clip = 0.0
-            if CLIP == 1:  # n ** 0.25 in float64, rounded once, like the host's clip_lambda(n)
-                clip = tl.sqrt(tl.sqrt(step.to(tl.float64))).to(tl.float32)
-            if CLIP == 2:
-                clip = tl.load(clip_ptr + tensor).to(tl.float32)
-            _adopt_elementwise(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, mask,
+        # A full block needs no mask, so its accesses can be vectorised.
+        if block_start + BLOCK_SIZE <= numel:
+            _adopt_elementwise(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, None,
                                neg_lr, weight_decay, neg_lr_weight_decay, lerp_coeff, lerp_from_end,
                                beta2, one_minus_beta2, eps, clip, grad_scale, seed, tensor, step,
-                               False, MAXIMIZE, WEIGHT_DECAY, CLIP, HAS_GRAD_SCALE, STOCHASTIC)
+                               MAXIMIZE, WEIGHT_DECAY, CLIP, HAS_GRAD_SCALE, STOCHASTIC)
+        else:
+            _adopt_elementwise(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, offsets < numel,
+                               neg_lr, weight_decay, neg_lr_weight_decay, lerp_coeff, lerp_from_end,
+                               beta2, one_minus_beta2, eps, clip, grad_scale, seed, tensor, step,
+                               MAXIMIZE, WEIGHT_DECAY, CLIP, HAS_GRAD_SCALE, STOCHASTIC)
 
 
 INTERPRETED = isinstance(_adopt_kernel, InterpretedFunction)
@@ -162,6 +169,10 @@ on the CPU through Triton's interpreter (CPU tensors allowed)."""
 # The interpreter pays ~1 ms per program, so it gets few, large blocks; the
 # block size changes nothing in the arithmetic.
 BLOCK_SIZE, NUM_WARPS = (1 << 12, 1) if INTERPRETED else (2048, 8)
+
+# No contraction of a multiply and an add into an fma the reference does not
+# have: the GPU then rounds exactly as written (the interpreter never fuses).
+COMPILE_OPTIONS = {} if INTERPRETED else {"enable_fp_fusion": False}
 
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 PARAM_DTYPES = tuple(_TRITON_DTYPES)  # of real params and gradients
@@ -206,6 +217,7 @@ class LaunchPlan(NamedTuple):
     key: tuple
     meta: torch.Tensor          # int64 [n_tensors, META_COLUMNS]
     block_tensor: torch.Tensor  # int32 [n_blocks]: the tensor each program updates
+    aligned: bool               # every p, g, m, v address is a multiple of 16 bytes
 
 
 def plan_key(params, grads, exp_avgs, exp_avg_sqs, steps) -> tuple:
@@ -222,7 +234,8 @@ def make_plan(key: tuple, device: torch.device) -> LaunchPlan:
     addresses = torch.tensor([row[1:] for row in key], dtype=torch.int64).reshape(-1, 5)
     meta = torch.cat([first_block[:, None], numels[:, None], addresses], dim=1)
     block_tensor = torch.repeat_interleave(torch.arange(len(key), dtype=torch.int32), n_blocks)
-    return LaunchPlan(key, meta.to(device), block_tensor.to(device))
+    aligned = all(address % 16 == 0 for row in key for address in row[1:5])
+    return LaunchPlan(key, meta.to(device), block_tensor.to(device), aligned)
 
 
 def adopt_step_(plan: LaunchPlan, dtype: torch.dtype, scalars: StepScalars, *, lr_tensor=None,
@@ -248,4 +261,4 @@ def adopt_step_(plan: LaunchPlan, dtype: torch.dtype, scalars: StepScalars, *, l
         STATE_DTYPE=_TRITON_DTYPES[state_dtype], MAXIMIZE=maximize, WEIGHT_DECAY=weight_decay_mode,
         CLIP=clip_mode, LR_ON_DEVICE=lr_tensor is not None, HAS_GRAD_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None, STOCHASTIC=stochastic_round_seed is not None,
-        BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS)
+        ALIGNED=plan.aligned, BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS, **COMPILE_OPTIONS)
