@@ -3,7 +3,7 @@ kernel under Triton's interpreter). Each job trains the same small
 transformer-like model and writes what the test compares to `out_dir`."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors on gloo, also on a CUDA machine
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
