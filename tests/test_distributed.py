@@ -19,7 +19,14 @@ def free_port():
 
 
 def spawn(job, world, *args):
-    mp.spawn(job, args=(world, free_port(), *args), nprocs=world, join=True)
+    """Run `job` on `world` processes; a port taken between choosing and
+    binding it (another run on this machine) gets one more try."""
+    for attempt in range(2):
+        try:
+            return mp.spawn(job, args=(world, free_port(), *args), nprocs=world, join=True)
+        except mp.ProcessRaisedException as error:
+            if attempt or "address already in use" not in str(error).lower():
+                raise
 
 
 @pytest.fixture(scope="module")
