@@ -1,5 +1,6 @@
-"""On a CUDA machine, the kernel tests run again with the compiled kernels on
-CUDA tensors (the rest of this session interprets them on the CPU).
+"""On a CUDA machine, every test that takes the `kernel_device` fixture runs
+again with the compiled kernels on CUDA tensors (the rest of this session
+interprets them on the CPU).
 Tolerances are those of the CPU tests: bit-exact to the reference
 (sqrt_rn/div_rn/fma on the GPU), assert_close against torch-adopt."""
 import os
@@ -19,7 +20,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.skipif(not INTERPRETED, reason="this session already runs the compiled kernels on CUDA")
 def test_compiled_kernels_on_cuda():
-    files = ["test_kernel.py", "test_vs_torch_adopt.py", "test_optimizer.py", "test_state_dict.py"]
+    files = sorted(p.name for p in (ROOT / "tests").glob("test_*.py")
+                   if "kernel_device" in p.read_text() and p.name != "test_cuda.py")
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
         cwd=ROOT / "tests", env=dict(os.environ, TRITON_INTERPRET="0"),

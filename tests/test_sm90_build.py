@@ -11,6 +11,9 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+import torch
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 BUILD = r'''
@@ -56,6 +59,7 @@ print(json.dumps(report))
 '''
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine the kernels are compiled and run for real")
 def test_kernel_builds_for_sm90_with_the_intended_instructions():
     result = subprocess.run([sys.executable, "-c", BUILD], cwd=ROOT, capture_output=True, text=True,
                             timeout=900, env=dict(os.environ, TRITON_INTERPRET="0"))
