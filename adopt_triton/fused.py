@@ -58,6 +58,11 @@ def _kernel_operands(param: Tensor, grad: Tensor, exp_avg: Tensor,
     return operands, write_back
 
 
+def _on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
+    """GradScaler's scalars on the launch's device (a no-op where they are)."""
+    return None if t is None else t.to(device)
+
+
 def local_shard(t: Tensor) -> Tensor:
     """A DTensor's local shard (sharing its storage); any other tensor itself."""
     return t.to_local() if isinstance(t, DTensor) else t
@@ -169,12 +174,12 @@ def fused_adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor
         group[5].extend(write_back)
     for (device, _, _), (*tensors, write_back) in groups.items():
         lr_on_device = torch.is_tensor(lr) and lr.device == device
+        clip_values = _clip_values(clip_lambda, tensors[4]) if clip_mode == kernel.CLIP_PER_TENSOR else None
         _fused_adopt_op(*tensors, lr_tensor=lr if lr_on_device else None,
                         lr=0.0 if lr_on_device else float(lr), beta1=beta1, beta2=beta2, eps=eps,
                         weight_decay=weight_decay, decouple=decouple, maximize=maximize,
-                        clip_mode=clip_mode,
-                        clip_values=_clip_values(clip_lambda, tensors[4]) if clip_mode == kernel.CLIP_PER_TENSOR else None,
-                        grad_scale=grad_scale, found_inf=found_inf,
+                        clip_mode=clip_mode, clip_values=clip_values,
+                        grad_scale=_on(grad_scale, device), found_inf=_on(found_inf, device),
                         stochastic_round_seed=stochastic_round_seed)
         for original, staged in write_back:
             original.copy_(staged)
