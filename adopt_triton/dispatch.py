@@ -43,6 +43,18 @@ def use_fused(fused: Optional[bool], param: Tensor) -> bool:
     return fused
 
 
+def eager_reason(fused: Optional[bool], param: Tensor) -> Optional[str]:
+    """Why ``param`` would not take the fused kernel under ``fused``, or None
+    if it would (for options that only the kernel implements)."""
+    if use_fused(fused, param):
+        return None
+    if fused is False:
+        return "fused=False"
+    return fused_unsupported_reason(param) or (
+        "fused=None updates CPU tensors eagerly (fused=True runs the kernel on them under "
+        "TRITON_INTERPRET=1)")
+
+
 def _check_operands(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
     """Same shape and device for all four; the gradient has the param's dtype,
     the two states share one (the param's, or another ``state_dtype``)."""

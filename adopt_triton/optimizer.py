@@ -44,10 +44,8 @@ def _check_hyperparameters(group: dict) -> None:
             raise ValueError("capturable=True runs on the fused kernel: it cannot be combined with "
                              "fused=False, foreach=True or differentiable=True")
         for param in group["params"]:
-            if not dispatch.use_fused(group["fused"], param):
-                reason = dispatch.fused_unsupported_reason(param) or (
-                    "fused=None updates CPU tensors eagerly (fused=True runs the kernel on them "
-                    "under TRITON_INTERPRET=1)")
+            reason = dispatch.eager_reason(group["fused"], param)
+            if reason is not None:
                 raise RuntimeError(f"ADOPT(capturable=True) needs the fused kernel for every "
                                    f"parameter: {reason}")
 
@@ -132,8 +130,8 @@ class ADOPT(Optimizer):
                 if self.state_dtype is not None and param.is_complex():
                     raise ValueError(f"state_dtype={self.state_dtype} needs real parameters, got "
                                      f"{param.dtype}")
-                if self.bf16_stochastic_round and not dispatch.use_fused(group["fused"], param):
-                    reason = dispatch.fused_unsupported_reason(param) or "fused=None runs CPU tensors eagerly"
+                reason = self.bf16_stochastic_round and dispatch.eager_reason(group["fused"], param)
+                if reason:
                     raise RuntimeError("bf16_stochastic_round=True runs in the fused kernel, which "
                                        f"this parameter would not use: {reason}")
         except (ValueError, RuntimeError):
