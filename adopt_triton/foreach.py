@@ -7,29 +7,24 @@ and clip value (torch-adopt's foreach path takes both from the first tensor).
 Numerics: as the reference, except that the square root is ATen's float32
 ``sqrt`` (the reference rounds a float64 one): within float32 tolerance.
 """
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List
 
 import torch
-from torch import Tensor
 
-from adopt_triton.fused import local_shard
-from adopt_triton.reference import upcast
+from adopt_triton.common import Hyper, Tensors, as_real, local_shard, store_back, upcast
 
 
-def foreach_adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
-                  exp_avg_sqs: List[Tensor], state_steps: List[Tensor], *, lr, beta1: float,
-                  beta2: float, eps: float, clip_lambda: Optional[Callable[[float], float]],
-                  weight_decay: float, decouple: bool, maximize: bool) -> None:
+def foreach_adopt(tensors: Tensors, hyper: Hyper) -> None:
+    lr, beta1, beta2, eps, weight_decay, decouple, maximize, clip_lambda = hyper
     lr = float(lr)
     # Element-wise, so DTensor shards (FSDP2) are updated as their local tensors.
-    stored = [[torch.view_as_real(t) if t.is_complex() else t for t in map(local_shard, column)]
-              for column in (params, grads, exp_avgs, exp_avg_sqs)]
-    tensors = [[upcast(t) for t in column] for column in stored]  # float32 math, as the reference
+    stored = [[as_real(local_shard(t)) for t in column] for column in tensors[:4]]
+    computed = [[upcast(t) for t in column] for column in stored]  # float32 math, as the reference
     by_step: Dict[float, List[int]] = {}
-    for index, step in enumerate(torch.stack(state_steps).tolist()):  # one host read, not one per tensor
+    for index, step in enumerate(torch.stack(tensors.steps).tolist()):  # one host read, not one per tensor
         by_step.setdefault(step, []).append(index)
     for n, indices in by_step.items():
-        param, grad, exp_avg, exp_avg_sq = ([column[i] for i in indices] for column in tensors)
+        param, grad, exp_avg, exp_avg_sq = ([column[i] for i in indices] for column in computed)
         if maximize:
             grad = torch._foreach_neg(grad)
         if weight_decay != 0 and not decouple:
@@ -52,7 +47,5 @@ def foreach_adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tens
         torch._foreach_mul_(exp_avg_sq, beta2)
         torch._foreach_addcmul_(exp_avg_sq, grad, grad, value=1 - beta2)
     for column in (0, 2, 3):  # round upcast params and states back, once
-        for original, computed in zip(stored[column], tensors[column]):
-            if computed is not original:
-                original.copy_(computed)
-    torch._foreach_add_(state_steps, 1)
+        store_back(stored[column], computed[column])
+    torch._foreach_add_(tensors.steps, 1)

@@ -1,19 +1,23 @@
-"""The host side of the fused path: group tensors by device and dtype, hand
-the kernel dense operands, cache its launch tables, bump the step counts.
+"""The host side of the fused path: what a step over a list of parameters
+needs that does not change between steps (which launch each tensor joins,
+its dense operands and any staging, the launch tables), built once and run
+every step with the step's gradients.
 
-The launch itself is the custom op ``adopt_triton::fused_adopt_`` (declared
-mutations, a fake implementation), so ``torch.compile`` traces the optimizer
-step around it with ``fullgraph=True``: its launch tables hold raw
-addresses, which only an opaque op can build (as ATen's own ``_fused_adam_``).
+Eager ``step()`` runs a ``FusedStep`` directly. Under ``torch.compile`` the
+optimizer step is traced around the custom op ``adopt_triton::fused_adopt_``
+(declared mutations, a fake implementation), which finds the same cached
+``FusedStep`` inside; its launch tables hold raw addresses, which only an
+opaque op can build (as ATen's own ``_fused_adam_``).
 """
-from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Tuple
+import weakref
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 
-from adopt_triton import reference
+from adopt_triton.clip import ClipEvaluator
+from adopt_triton.common import (Hyper, Scaling, Tensors, as_real, default_clip_lambda,
+                                 fingerprint, local_shard)
 from adopt_triton.kernels import adopt as kernel
 
 
@@ -30,83 +34,191 @@ def _dense_strides(t: Tensor) -> Optional[Tuple[int, ...]]:
     return strides
 
 
-def _kernel_operands(param: Tensor, grad: Tensor, exp_avg: Tensor,
-                     exp_avg_sq: Tensor) -> Tuple[List[Tensor], List[Tuple[Tensor, Tensor]]]:
-    """Real tensors sharing one dense layout for the kernel, and the
-    (original, staged) pairs to copy back after it ran.
-
-    Tensors whose layout already matches a dense ``param`` (the usual case,
-    channels_last included) are passed as they are and updated in place.
-    Any other tensor (a non-dense view, a gradient or state with other
-    strides) is staged into a dense copy, and mutated ones are copied back.
-    """
-    tensors = [torch.view_as_real(t) if t.is_complex() else t
-               for t in (param, grad, exp_avg, exp_avg_sq)]
-    layout = tensors[0]
-    if _dense_strides(layout) is None:
-        layout = torch.empty_like(layout, memory_format=torch.contiguous_format)
-    layout_strides = _dense_strides(layout)
-    operands, write_back = [], []
-    for i, t in enumerate(tensors):
-        if _dense_strides(t) == layout_strides:
-            operands.append(t)
-        else:
-            staged = torch.empty_like(layout).copy_(t)
-            operands.append(staged)
-            if i != 1:  # the gradient is only read
-                write_back.append((t, staged))
-    return operands, write_back
+class _Staged(NamedTuple):
+    """A tensor the kernel reads (and, unless it is the gradient, writes)
+    through a dense copy with its parameter's layout."""
+    position: int   # in the FusedStep's tensor list
+    column: int     # 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq
+    buffer: Tensor
 
 
-def _on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
-    """GradScaler's scalars on the launch's device (a no-op where they are)."""
-    return None if t is None else t.to(device)
+class _Launch(NamedTuple):
+    device: torch.device
+    dtype: torch.dtype
+    state_dtype: torch.dtype
+    positions: List[int]             # of its tensors in the FusedStep's list
+    position_index: Optional[Tensor]  # the same on the device, None if it is 0..n-1
+    grad_rows: Optional[Tensor]      # rows whose gradient the table addresses (None: all)
+    grad_positions: List[int]        # the positions of those rows
+    staged: List[_Staged]
+    tables: kernel.Tables
+    steps: List[Tensor]              # the step count of each row
+    steps_in_flat: Optional[Tuple[Tensor, Tensor]]  # (flat array, index) when all are views of one
 
 
-def local_shard(t: Tensor) -> Tensor:
-    """A DTensor's local shard (sharing its storage); any other tensor itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
+def _real_local(t: Tensor) -> Tensor:
+    return as_real(local_shard(t))
 
 
-def _clip_values(clip_lambda: Callable, steps: List[Tensor]) -> Tensor:
-    """clip_lambda evaluated on the device, on a tensor of the step counts
-    (as torch-adopt's foreach path passes a step tensor): no host sync."""
-    counts = torch.stack(steps)
-    try:
-        values = clip_lambda(counts)
-    except Exception as error:
-        raise TypeError(
-            "ADOPT's fused path evaluates clip_lambda on the device, on a float32 tensor of "
-            "step counts, and this clip_lambda cannot take a tensor "
-            f"({type(error).__name__}: {error}). Write it with tensor operations "
-            "(e.g. lambda n: n ** 0.5), or use fused=False.") from error
-    values = torch.as_tensor(values, dtype=torch.float32, device=counts.device)
-    if values.shape not in ((), counts.shape):
-        raise TypeError(f"clip_lambda returned shape {tuple(values.shape)} for step counts of "
-                        f"shape {tuple(counts.shape)}; it must act element-wise")
-    return values.expand(counts.shape).contiguous()
+def _in_flat(steps: List[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
+    """(flat array, index) if every step count is a 0-d view of one 1-D
+    float32 array (as the optimizer keeps them), else None."""
+    base = steps[0]._base if steps else None
+    if base is None or base.dim() != 1 or base.stride(0) != 1 or \
+            any(s._base is not base or s.dim() != 0 for s in steps):
+        return None
+    start = base.storage_offset()
+    return base, torch.tensor([s.storage_offset() - start for s in steps], device=base.device)
 
 
-_PLAN_CACHE: "OrderedDict[tuple, kernel.LaunchPlan]" = OrderedDict()
-_PLAN_CACHE_SIZE = 64
+def _layout(param: Tensor) -> Tensor:
+    """A tensor with the layout the kernel will see for ``param``: itself if
+    it is dense, else a contiguous one."""
+    return param if _dense_strides(param) is not None else torch.empty_like(
+        param, memory_format=torch.contiguous_format)
 
 
-def _launch_plan(key: tuple, device: torch.device) -> kernel.LaunchPlan:
-    """The launch tables for ``key`` (addresses and sizes), built once and
-    cached: a plan depends on nothing else, so it stays valid for as long as
-    the same tensors (or any at the same addresses) are passed."""
-    plan = _PLAN_CACHE.get((device, key))
-    if plan is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "ADOPT: the tensors changed (new parameters, gradients or state) while a CUDA "
-                "graph is being captured, and the kernel's launch tables cannot be rebuilt "
-                "during capture: run step() once on these exact tensors before capturing")
-        plan = _PLAN_CACHE[device, key] = kernel.make_plan(key, device)
-        if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
-            _PLAN_CACHE.popitem(last=False)
-    _PLAN_CACHE.move_to_end((device, key))
-    return plan
+class FusedStep:
+    """One step's fused work over a fixed list of parameters: one launch per
+    device, param dtype and state dtype. Tensors whose layout already matches
+    a dense parameter (the usual case, channels_last included) are addressed
+    in place; any other (a non-dense view, a gradient or state with other
+    strides) goes through a staging buffer kept for the next steps.
+
+    The tables address the gradients of the step it was built for:
+    ``with_grads`` gives one for new gradient tensors of the same layout."""
+
+    def __init__(self, tensors: Tensors, *, fingerprint_: Optional[tuple] = None):
+        self.tensors = tensors._replace(grads=[None] * len(tensors.grads))  # not kept alive
+        self.fingerprint = fingerprint_  # of the tensors it was built for (traced path)
+        by_kind: Dict[tuple, List[int]] = {}
+        for position, (param, exp_avg) in enumerate(zip(tensors.params, tensors.exp_avgs)):
+            param, exp_avg = _real_local(param), _real_local(exp_avg)
+            by_kind.setdefault((param.device, param.dtype, exp_avg.dtype), []).append(position)
+        self.launches = [self._launch(kind, positions, tensors) for kind, positions in by_kind.items()]
+
+    @staticmethod
+    def _launch(kind, positions: List[int], tensors: Tensors) -> _Launch:
+        device = kind[0]
+        numels, addresses, grad_rows, grad_positions, staged = [], [], [], [], []
+        for row_index, position in enumerate(positions):
+            operands = [_real_local(column[position]) for column in tensors[:4]]
+            layout = _layout(operands[0])
+            strides = _dense_strides(layout)
+            row = []
+            for column, operand in enumerate(operands):
+                if _dense_strides(operand) == strides:
+                    row.append(operand.data_ptr())
+                    if column == 1:
+                        grad_rows.append(row_index)
+                        grad_positions.append(position)
+                else:
+                    buffer = torch.empty_like(layout, dtype=operand.dtype)
+                    staged.append(_Staged(position, column, buffer))
+                    row.append(buffer.data_ptr())
+            numels.append(layout.numel())
+            addresses.append(row + [tensors.steps[position].data_ptr()])
+        index = None if positions == list(range(len(positions))) else torch.tensor(positions, device=device)
+        steps = [tensors.steps[p] for p in positions]
+        rows = None if len(grad_rows) == len(positions) else torch.tensor(grad_rows, dtype=torch.int64)
+        return _Launch(device, *kind[1:], positions, index, rows, grad_positions, staged,
+                       kernel.make_tables(numels, addresses, device), steps, _in_flat(steps))
+
+    def clip_values(self, evaluator: ClipEvaluator, capturable: bool) -> List[Tensor]:
+        """A custom clip_lambda's value for every tensor, one array per launch,
+        evaluated before anything is launched."""
+        values = []
+        for launch in self.launches:
+            counts = launch.steps_in_flat[0].index_select(0, launch.steps_in_flat[1]) \
+                if launch.steps_in_flat else torch.stack(launch.steps)
+            values.append(evaluator.on_device(counts, capturable=capturable))
+        return values
+
+    def split(self, per_tensor: Tensor) -> List[Tensor]:
+        """Values given one per tensor of the list, as one array per launch."""
+        return [per_tensor.to(launch.device) if launch.position_index is None else
+                per_tensor.to(launch.device).index_select(0, launch.position_index)
+                for launch in self.launches]
+
+    def with_grad_addresses(self, addresses: Sequence[int]) -> None:
+        """Address new gradient tensors (same shapes and layouts as before),
+        given the address of each position's gradient."""
+        for i, launch in enumerate(self.launches):
+            if launch.grad_positions:
+                picked = addresses if len(launch.grad_positions) == len(addresses) else \
+                    [addresses[p] for p in launch.grad_positions]
+                self.launches[i] = launch._replace(
+                    tables=kernel.with_grad_addresses(launch.tables, launch.grad_rows, picked))
+
+    def run(self, grads: Sequence[Tensor], hyper: Hyper, scalars: kernel.StepScalars,
+            scaling: Scaling, seed: Optional[int], clips: Optional[List[Tensor]]) -> None:
+        """One launch per device, param dtype and state dtype, in place; step
+        counts are read, not incremented. ``clips``: a custom clip_lambda's
+        values (``clip_values``); otherwise ``hyper.clip_lambda`` is the
+        default clip (computed in the kernel) or None."""
+        lr = hyper.lr
+        clip_mode = kernel.CLIP_PER_TENSOR if clips is not None else (
+            kernel.NO_CLIP if hyper.clip_lambda is None else kernel.DEFAULT_CLIP)
+        for index, launch in enumerate(self.launches):
+            for staged in launch.staged:
+                source = grads[staged.position] if staged.column == 1 else \
+                    self.tensors[staged.column][staged.position]
+                staged.buffer.copy_(_real_local(source))
+            lr_on_device = isinstance(lr, Tensor) and lr.device == launch.device
+            grad_scale, found_inf = (None if t is None else t.to(launch.device) for t in scaling)
+            variant = kernel.Variant(
+                launch.dtype, launch.state_dtype, hyper.maximize, _weight_decay_mode(hyper),
+                clip_mode, scalars.lerp_from_end, lr_on_device,
+                grad_scale is not None, found_inf is not None, seed is not None)
+            kernel.launch(launch.tables, variant, scalars, lr=lr if lr_on_device else None,
+                          clip=None if clips is None else clips[index], grad_scale=grad_scale, found_inf=found_inf,
+                          seed=seed or 0)
+            for staged in launch.staged:
+                if staged.column != 1:  # the gradient is only read
+                    _real_local(self.tensors[staged.column][staged.position]).copy_(staged.buffer)
+
+
+def _weight_decay_mode(hyper: Hyper):
+    if hyper.weight_decay == 0:
+        return kernel.NO_WEIGHT_DECAY
+    return kernel.DECOUPLED_WEIGHT_DECAY if hyper.decouple else kernel.COUPLED_WEIGHT_DECAY
+
+
+def advance_steps(steps: List[Tensor], found_inf: Optional[Tensor]) -> None:
+    """n += 1 for each step count, unless found_inf is set (on any device)."""
+    by_device: Dict[torch.device, List[Tensor]] = {}
+    for step in steps:
+        by_device.setdefault(step.device, []).append(step)
+    for device, on_device in by_device.items():
+        torch._foreach_add_(on_device, 1 if found_inf is None else
+                            1 - found_inf.to(device, torch.float32))
+
+
+class FusedSteps(dict):
+    """An optimizer's cached ``FusedStep``s for the traced (torch.compile)
+    path, one per param group; the launch tables live as long as it does."""
+
+
+_OWNERS: "weakref.WeakValueDictionary[int, FusedSteps]" = weakref.WeakValueDictionary()
+
+
+def register(cache: FusedSteps) -> int:
+    """An id under which the custom op finds ``cache`` (held weakly)."""
+    _OWNERS[id(cache)] = cache
+    return id(cache)
+
+
+def _cached_step(owner: int, slot: int, tensors: Tensors) -> FusedStep:
+    local = [list(map(local_shard, column)) for column in tensors]
+    current = fingerprint(*local)
+    cache = _OWNERS[owner]
+    fused = cache.get(slot)
+    if fused is None or fused.fingerprint[:-1] != current[:-1]:
+        fused = cache[slot] = FusedStep(tensors, fingerprint_=current)
+    elif fused.fingerprint[-1] != current[-1]:
+        fused.with_grad_addresses(current[-1])
+        fused.fingerprint = current
+    return fused
 
 
 @torch.library.custom_op("adopt_triton::fused_adopt_",
@@ -114,72 +226,46 @@ def _launch_plan(key: tuple, device: torch.device) -> kernel.LaunchPlan:
 def _fused_adopt_op(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
                     exp_avg_sqs: List[Tensor], state_steps: List[Tensor], lr_tensor: Optional[Tensor],
                     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                    decouple: bool, maximize: bool, clip_mode: int, clip_values: Optional[Tensor],
+                    decouple: bool, maximize: bool, default_clip: bool, clip_values: Optional[Tensor],
                     grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
-                    stochastic_round_seed: Optional[int]) -> None:
-    """One launch over real, dense tensors of one device, param dtype and state
-    dtype, then one op bumping their step counts (not counted when found_inf
-    is set)."""
-    if weight_decay == 0:
-        weight_decay_mode = kernel.NO_WEIGHT_DECAY
-    else:
-        weight_decay_mode = kernel.DECOUPLED_WEIGHT_DECAY if decouple else kernel.COUPLED_WEIGHT_DECAY
-    plan = _launch_plan(kernel.plan_key(params, grads, exp_avgs, exp_avg_sqs, state_steps),
-                        params[0].device)
-    scalars = kernel.StepScalars.make(lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                                      weight_decay=weight_decay)
-    kernel.adopt_step_(plan, params[0].dtype, scalars, lr_tensor=lr_tensor, clip_mode=clip_mode,
-                       clip_values=clip_values, grad_scale=grad_scale, found_inf=found_inf,
-                       maximize=maximize, weight_decay_mode=weight_decay_mode,
-                       state_dtype=exp_avgs[0].dtype, stochastic_round_seed=stochastic_round_seed)
-    if found_inf is None:
-        torch._foreach_add_(state_steps, 1)
-    else:
-        torch._foreach_add_(state_steps, 1 - found_inf.to(state_steps[0].device, torch.float32))
+                    stochastic_round_seed: Optional[int], owner: int, slot: int) -> None:
+    """A traced step's fused part: the launches of the owner's cached
+    ``FusedStep`` for these tensors, then one op bumping their step counts
+    (not counted when found_inf is set). ``clip_values``: one per tensor."""
+    tensors = Tensors(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    fused = _cached_step(owner, slot, tensors)
+    hyper = Hyper(lr if lr_tensor is None else lr_tensor, beta1, beta2, eps, weight_decay, decouple,
+                  maximize, default_clip_lambda if default_clip else None)
+    scalars = kernel.StepScalars.make(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    fused.run(grads, hyper, scalars, Scaling(grad_scale, found_inf), stochastic_round_seed,
+              None if clip_values is None else fused.split(clip_values))
+    advance_steps(state_steps, found_inf)
 
 
 @_fused_adopt_op.register_fake
 def _(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_tensor, lr, beta1, beta2, eps,
-      weight_decay, decouple, maximize, clip_mode, clip_values, grad_scale, found_inf,
-      stochastic_round_seed) -> None:
+      weight_decay, decouple, maximize, default_clip, clip_values, grad_scale, found_inf,
+      stochastic_round_seed, owner, slot) -> None:
     return None
 
 
-def fused_adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
-                exp_avg_sqs: List[Tensor], state_steps: List[Tensor], *, lr, beta1: float,
-                beta2: float, eps: float, clip_lambda: Optional[Callable], weight_decay: float,
-                decouple: bool, maximize: bool, grad_scale: Optional[Tensor] = None,
-                found_inf: Optional[Tensor] = None,
-                stochastic_round_seed: Optional[int] = None) -> None:
-    """One ADOPT step for every tensor: one kernel launch per device, param
-    dtype and state dtype, plus one op bumping the step counts (float32
-    tensors on each param's device). A tensor lr on the params' device is
-    read by the kernel. With a ``stochastic_round_seed``, bf16 stores round
-    stochastically, with random bits keyed on the seed, the step, the tensor's
-    place in its launch and the element."""
-    if clip_lambda is None:
-        clip_mode = kernel.NO_CLIP
-    else:
-        clip_mode = kernel.DEFAULT_CLIP if clip_lambda is reference.default_clip_lambda else kernel.CLIP_PER_TENSOR
-    groups: Dict[tuple, list] = {}
-    for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs,
-                                                      state_steps):
-        # DTensor shards (FSDP2): the update is element-wise, so each rank
-        # updates its local shard in place, with no communication.
-        operands, write_back = _kernel_operands(*map(local_shard, (param, grad, exp_avg, exp_avg_sq)))
-        group = groups.setdefault((param.device, operands[0].dtype, operands[2].dtype),
-                                  [[], [], [], [], [], []])
-        for column, tensor in zip(group, operands + [step]):
-            column.append(tensor)
-        group[5].extend(write_back)
-    for (device, _, _), (*tensors, write_back) in groups.items():
-        lr_on_device = torch.is_tensor(lr) and lr.device == device
-        clip_values = _clip_values(clip_lambda, tensors[4]) if clip_mode == kernel.CLIP_PER_TENSOR else None
-        _fused_adopt_op(*tensors, lr_tensor=lr if lr_on_device else None,
-                        lr=0.0 if lr_on_device else float(lr), beta1=beta1, beta2=beta2, eps=eps,
-                        weight_decay=weight_decay, decouple=decouple, maximize=maximize,
-                        clip_mode=clip_mode, clip_values=clip_values,
-                        grad_scale=_on(grad_scale, device), found_inf=_on(found_inf, device),
-                        stochastic_round_seed=stochastic_round_seed)
-        for original, staged in write_back:
-            original.copy_(staged)
+def traced_fused_adopt(tensors: Tensors, hyper: Hyper, scaling: Scaling, seed: Optional[int],
+                       owner: int, slot: int) -> None:
+    """The fused part of a step under torch.compile: a custom clip_lambda is
+    traced on a tensor of the step counts (it must take tensors there), the
+    launches are the opaque op."""
+    clip_values = None
+    custom_clip = hyper.clip_lambda not in (None, default_clip_lambda)
+    if custom_clip:
+        counts = torch.stack(tensors.steps)
+        clip_values = torch.as_tensor(hyper.clip_lambda(counts.double().clamp(min=1)),
+                                      dtype=torch.float32, device=counts.device).expand(counts.shape)
+    lr = hyper.lr
+    on_device = isinstance(lr, Tensor) and all(p.device == lr.device for p in tensors.params)
+    lr_tensor = lr if on_device else None
+    _fused_adopt_op(*tensors, lr_tensor=lr_tensor, lr=0.0 if lr_tensor is not None else float(lr),
+                    beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps,
+                    weight_decay=hyper.weight_decay, decouple=hyper.decouple,
+                    maximize=hyper.maximize, default_clip=hyper.clip_lambda is not None,
+                    clip_values=clip_values, grad_scale=scaling.grad_scale,
+                    found_inf=scaling.found_inf, stochastic_round_seed=seed, owner=owner, slot=slot)

@@ -1,13 +1,16 @@
 """``adopt_triton.ADOPT``: torch-adopt's optimizer class, run by a fused Triton kernel."""
 import warnings
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from adopt_triton import dispatch
-from adopt_triton.reference import default_clip_lambda
+from adopt_triton import dispatch, fused as fused_path
+from adopt_triton.clip import ClipEvaluator
+from adopt_triton.common import Hyper, Scaling, Tensors, default_clip_lambda
+from adopt_triton.kernels.adopt import SEED_LIMIT
+from adopt_triton.program import GroupProgram, OptimizerState, custom_clip, grads_of, has_grad
 
 _FLAG_DEFAULTS = dict(maximize=False, foreach=None, capturable=False, differentiable=False,
                       fused=None)
@@ -105,6 +108,9 @@ class ADOPT(Optimizer):
         if bf16_stochastic_round and stochastic_round_seed is None:  # reproducible under torch.manual_seed
             stochastic_round_seed = int(torch.randint(2**31 - 1, ()))
         self.stochastic_round_seed = stochastic_round_seed if bf16_stochastic_round else None
+        if self.stochastic_round_seed is not None and not 0 <= self.stochastic_round_seed < SEED_LIMIT:
+            raise ValueError(f"Invalid stochastic_round_seed: {stochastic_round_seed} (an integer in "
+                             f"[0, 2**31))")
         if state_dtype == torch.bfloat16 and not bf16_stochastic_round and 1 - betas[1] < 2**-9:
             warnings.warn(
                 f"state_dtype=torch.bfloat16 with beta2={betas[1]}: rounding to nearest, "
@@ -115,11 +121,32 @@ class ADOPT(Optimizer):
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused)
         _check_hyperparameters(dict(defaults, params=[]))
+        if capturable and custom_clip(clip_lambda) and \
+                not ClipEvaluator(clip_lambda).takes_tensors(torch.device("cpu")):
+            raise ValueError(
+                "ADOPT(capturable=True): clip_lambda must compute element-wise on a tensor of step "
+                "counts (e.g. lambda n: n ** 0.25 or lambda n: n.clamp(max=3.0)); this one only works "
+                "on Python numbers, which would need a host read of the counts")
         self.clip_lambda = clip_lambda
+        self._reset_caches()
         super().__init__(params, defaults)
+        self.state = OptimizerState(self.state)
         self.register_state_dict_post_hook(ADOPT._portable_state_dict)
         self.register_load_state_dict_pre_hook(ADOPT._keep_execution_flags)
         self.register_load_state_dict_post_hook(ADOPT._convert_loaded_state)
+
+    # Pickling and deep copies carry the options, not the cached programs.
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.state = OptimizerState(self.state)
+        for name in ("state_dtype", "stochastic_round_seed"):
+            self.__dict__.setdefault(name, None)
+        self.__dict__.setdefault("bf16_stochastic_round", False)
+        for group in self.param_groups:
+            for key, value in _FLAG_DEFAULTS.items():
+                group.setdefault(key, value)
+        self._reset_caches()
+        ADOPT._place_steps(self)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -144,16 +171,6 @@ class ADOPT(Optimizer):
         if self.state_dtype is not None:
             return self.state_dtype
         return torch.float32 if param.dtype in (torch.bfloat16, torch.float16) else param.dtype
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for name in ("state_dtype", "stochastic_round_seed"):
-            self.__dict__.setdefault(name, None)
-        self.__dict__.setdefault("bf16_stochastic_round", False)
-        for group in self.param_groups:
-            for key, value in _FLAG_DEFAULTS.items():
-                group.setdefault(key, value)
-        ADOPT._place_steps(self)
 
     @staticmethod
     def _portable_state_dict(optimizer: "ADOPT", state_dict: dict) -> dict:
@@ -201,59 +218,140 @@ class ADOPT(Optimizer):
                         device=param.device, dtype=optimizer._state_dtype(param))
         optimizer._loaded_state = {}
         ADOPT._place_steps(optimizer)
-
-    @staticmethod
-    def _step_device(group: dict, param: Tensor) -> torch.device:
-        """Where ``param``'s step count lives: on its device when the fused
-        kernel updates it (the kernel reads it there, no host sync), else on
-        the CPU (the eager path reads it on the host)."""
-        fused = False if group["differentiable"] else group["fused"]
-        return param.device if dispatch.use_fused(fused, param) else torch.device("cpu")
+        optimizer._reset_caches()
 
     @staticmethod
     def _place_steps(optimizer: "ADOPT") -> None:
-        """Put every ``step`` where ``_step_device`` says, as a float32 scalar
-        (checkpoints may bring it from elsewhere)."""
+        """Put every ``step`` where its path reads it, as a float32 scalar
+        (checkpoints may bring it from elsewhere, or of another dtype)."""
         for group in optimizer.param_groups:
             for param in group["params"]:
                 state = optimizer.state.get(param, {})
                 if "step" in state:
-                    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).detach().to(
-                        ADOPT._step_device(group, param))
+                    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).detach() \
+                        .reshape(()).to(dispatch.step_device(ADOPT._fused(group), param))
+
+    @staticmethod
+    def _fused(group: dict) -> Optional[bool]:
+        """The group's ``fused``, as its paths read it (differentiable runs eagerly)."""
+        return False if group["differentiable"] else group["fused"]
+
+    def _reset_caches(self) -> None:
+        """Forget every cached step program (rebuilt at the next step)."""
+        self._programs: Dict[int, GroupProgram] = {}
+        self._traced_steps = fused_path.FusedSteps()
+        self._traced_owner = fused_path.register(self._traced_steps)
+        self._clip: Optional[ClipEvaluator] = None
+
+    def _pack_steps(self, group: dict) -> None:
+        """Keep the group's step counts, per device, as the 0-d views of one
+        flat float32 array, so one op advances them all (a new array when
+        params gained state, or a count was replaced or loaded)."""
+        fused_flag = ADOPT._fused(group)
+        by_device: Dict[torch.device, List[dict]] = {}
+        for param in group["params"]:
+            state = self.state.get(param)
+            if state and "step" in state:
+                by_device.setdefault(dispatch.step_device(fused_flag, param), []).append(state)
+        for device, states in by_device.items():
+            steps = [state["step"] for state in states]
+            base = steps[0]._base
+            if base is not None and base.device == device and base.dim() == 1 \
+                    and base.numel() == len(steps) and base.dtype == torch.float32 and all(
+                        s._base is base and s.storage_offset() - base.storage_offset() == i
+                        for i, s in enumerate(steps)):
+                continue
+            flat = torch.stack([s.detach().reshape(()).to(device, torch.float32) for s in steps])
+            for state, view in zip(states, flat.unbind(0)):
+                state["step"] = view
+
+    def _gather(self, group: dict, grads: List[Optional[Tensor]]) -> Tuple[List[bool], Tensors]:
+        """The group's params that have a gradient, with their state (created
+        on their first gradient), checked; nothing is updated here."""
+        mask = has_grad(grads)
+        params = [p for p, active in zip(group["params"], mask) if active]
+        grads = [g for g in grads if g is not None]
+        for param, grad in zip(params, grads):
+            if grad.is_sparse:
+                group_index = next(i for i, g in enumerate(self.param_groups) if g is group)
+                param_index = next(i for i, p in enumerate(group["params"]) if p is param)
+                raise RuntimeError(
+                    "ADOPT does not support sparse gradients (param_groups"
+                    f"[{group_index}]['params'][{param_index}], shape {tuple(param.shape)})")
+        for param in params:
+            state = self.state[param]
+            if len(state) == 0:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                dtype = self._state_dtype(param)
+                state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype,
+                                                       memory_format=torch.preserve_format)
+        self._pack_steps(group)
+        states = [self.state[p] for p in params]
+        tensors = Tensors(params, grads, [s["exp_avg"] for s in states],
+                          [s["exp_avg_sq"] for s in states], [s["step"] for s in states])
+        if group["differentiable"] and any(s.requires_grad for s in tensors.steps):
+            raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
+        dispatch.check(tensors, ADOPT._fused(group))
+        return mask, tensors
+
+    def _program(self, group: dict) -> GroupProgram:
+        """The group's cached step program if it still fits, else a new one."""
+        grads = grads_of(group["params"])
+        program = self._programs.get(id(group))
+        if program is not None and program.group is group and \
+                program.reuse(group["params"], grads, self.state):
+            return program
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing() \
+                and any(p.is_cuda for p in group["params"]):
+            raise RuntimeError(
+                "ADOPT: the tensors changed (new parameters, gradients or state) while a CUDA "
+                "graph is being captured, and the kernel's launch tables cannot be rebuilt "
+                "during capture: run step() once on these exact tensors before capturing")
+        mask, tensors = self._gather(group, grads)
+        program = self._programs[id(group)] = GroupProgram(
+            group, mask, tensors, fused=ADOPT._fused(group),
+            foreach=False if group["differentiable"] else group["foreach"])
+        return program
+
+    def _clip_evaluator(self) -> Optional[ClipEvaluator]:
+        """The custom clip_lambda, evaluated off the host where it can be (None
+        for no clip or the default, which the kernel computes)."""
+        if not custom_clip(self.clip_lambda):
+            return None
+        if self._clip is None or self._clip.clip_lambda is not self.clip_lambda:
+            self._clip = ClipEvaluator(self.clip_lambda)
+        return self._clip
 
     def _init_group(self, group: dict, params: list, grads: list, exp_avgs: list,
                     exp_avg_sqs: list, state_steps: list) -> bool:
         """Collect the group's tensors that have a gradient (creating their
         state), check them, and return whether any is complex. The signature
-        is torch.optim's, which torch.compile runs eagerly while tracing."""
-        has_complex = False
-        for param_index, param in enumerate(group["params"]):
-            if param.grad is None:
+        is torch.optim's: torch.compile runs it eagerly while tracing."""
+        _, tensors = self._gather(group, grads_of(group["params"]))
+        for column, values in zip((params, grads, exp_avgs, exp_avg_sqs, state_steps), tensors):
+            column.extend(values)
+        return any(p.is_complex() for p in tensors.params)
+
+    def _traced_step(self) -> None:
+        """step() under torch.compile: torch.optim's structure (``_init_group``,
+        then the update), the fused launches as one opaque op per group."""
+        work = []
+        for group in self.param_groups:
+            tensors = Tensors([], [], [], [], [])
+            self._init_group(group, *tensors)
+            work.append((group, tensors))
+        scaling = Scaling(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        for slot, (group, tensors) in enumerate(work):
+            if not tensors.params:
                 continue
-            if param.grad.is_sparse:
-                group_index = next(i for i, g in enumerate(self.param_groups) if g is group)
-                raise RuntimeError(
-                    "ADOPT does not support sparse gradients (param_groups"
-                    f"[{group_index}]['params'][{param_index}], shape {tuple(param.shape)})")
-            state = self.state[param]
-            if len(state) == 0:
-                state["step"] = torch.zeros((), dtype=torch.float32,
-                                            device=ADOPT._step_device(group, param))
-                dtype = self._state_dtype(param)
-                state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype,
-                                                       memory_format=torch.preserve_format)
-            if group["differentiable"] and state["step"].requires_grad:
-                raise RuntimeError(
-                    "`requires_grad` is not supported for `step` in differentiable mode")
-            has_complex |= torch.is_complex(param)
-            params.append(param)
-            grads.append(param.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            state_steps.append(state["step"])
-        dispatch.check(params, grads, exp_avgs, exp_avg_sqs, group["fused"])
-        return has_complex
+            hyper = Hyper.of_group(group, self.clip_lambda)
+            positions = dispatch.fused_positions(ADOPT._fused(group), tensors.params)
+            if len(positions) != len(tensors.params):
+                raise RuntimeError("ADOPT under torch.compile runs the fused kernel only; "
+                                   "use fused=True with tensors it supports")
+            fused_path.traced_fused_adopt(tensors, hyper, scaling, self.stochastic_round_seed,
+                                     self._traced_owner, slot)
 
     def step(self, closure=None):
         """Perform a single optimization step.
@@ -262,7 +360,8 @@ class ADOPT(Optimizer):
             closure (Callable, optional): A closure that reevaluates the model
                 and returns the loss.
         """
-        if not torch.compiler.is_compiling() and torch.cuda.is_available() \
+        compiling = torch.compiler.is_compiling()
+        if not compiling and torch.cuda.is_available() \
                 and torch.cuda.is_current_stream_capturing() \
                 and not all(group["capturable"] for group in self.param_groups):
             raise RuntimeError("Attempting CUDA graph capture of step() for an instance of ADOPT "
@@ -271,24 +370,18 @@ class ADOPT(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Gather (and check) every group before updating any.
+        if compiling:
+            self._traced_step()
+            return loss
+        # Everything that can fail, for every group, before any update.
+        programs = [self._program(group) for group in self.param_groups]
+        clip = self._clip_evaluator()
         work = []
-        for group in self.param_groups:
-            tensors = ([], [], [], [], [])
-            self._init_group(group, *tensors)
-            work.append((group, tensors))
-        for group, tensors in work:
-            if not tensors[0]:
-                continue
-            beta1, beta2 = group["betas"]
-            differentiable = group["differentiable"]  # autograd: the single-tensor reference
-            with torch.set_grad_enabled(differentiable):
-                dispatch.apply(*tensors, fused=False if differentiable else group["fused"],
-                               foreach=False if differentiable else group["foreach"],
-                               lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                               clip_lambda=self.clip_lambda, weight_decay=group["weight_decay"],
-                               decouple=group["decouple"], maximize=group["maximize"],
-                               grad_scale=getattr(self, "grad_scale", None),
-                               found_inf=getattr(self, "found_inf", None),
-                               stochastic_round_seed=self.stochastic_round_seed)
+        for group, program in zip(self.param_groups, programs):
+            hyper = Hyper.of_group(group, self.clip_lambda)
+            work.append((program, hyper, program.prepare(hyper, clip, capturable=group["capturable"])))
+        scaling = Scaling(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        for program, hyper, prepared in work:
+            with torch.set_grad_enabled(program.group["differentiable"]):
+                program.run(prepared, hyper, scaling, self.stochastic_round_seed)
         return loss

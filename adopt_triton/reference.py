@@ -1,8 +1,8 @@
 """The eager reference: ADOPT in plain PyTorch ops, the executable spec.
 
 ``adopt`` updates lists of tensors in place, one tensor at a time, in exactly
-the order of SPEC.md (the order of torch-adopt 0.1.0's single-tensor path).
-The Triton kernel is verified bit-exact against it.
+the order of the algorithm (the order of torch-adopt 0.1.0's single-tensor
+path). The Triton kernel is verified bit-exact against it.
 
 Rounding, operation by operation (float32 tensors, CPU, ATen's AVX2/AVX-512
 kernels, which every x86-64 CPU of the last decade selects):
@@ -19,11 +19,13 @@ kernels, which every x86-64 CPU of the last decade selects):
 * Python-float hyper-parameters (``-lr``, ``1 - beta1``, ``1 - beta2``,
   ``-lr * weight_decay``) are computed in float64 and rounded to float32 when
   they reach the op, as every ATen op does with a Python scalar.
+* ``clip_lambda(n)`` is called with the step count as a Python float, as
+  torch-adopt calls it, and its result is rounded to float32 by ``clamp``.
 """
-from typing import Callable, List, Optional
-
 import torch
 from torch import Tensor
+
+from adopt_triton.common import Hyper, Tensors, as_real, store_back, upcast
 
 
 def _sqrt(t: Tensor) -> Tensor:
@@ -31,28 +33,13 @@ def _sqrt(t: Tensor) -> Tensor:
     return t.sqrt() if t.dtype == torch.float64 else t.double().sqrt().to(t.dtype)
 
 
-def upcast(t: Tensor) -> Tensor:
-    """float32 copy of a bf16/fp16 tensor; any other tensor itself."""
-    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
-
-
-def default_clip_lambda(step):
-    """The clip schedule of torch-adopt and of the paper's Algorithm 2: n ** 0.25."""
-    return step**0.25
-
-
-def adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
-          exp_avg_sqs: List[Tensor], state_steps: List[Tensor], *, lr: float, beta1: float,
-          beta2: float, eps: float, clip_lambda: Optional[Callable[[float], float]],
-          weight_decay: float, decouple: bool, maximize: bool) -> None:
-    """One ADOPT step for each tensor; ``state_steps[i]`` (n) is incremented."""
+def adopt(tensors: Tensors, hyper: Hyper) -> None:
+    """One ADOPT step for each tensor; its step count n is incremented."""
+    lr, beta1, beta2, eps, weight_decay, decouple, maximize, clip_lambda = hyper
     lr = float(lr)
-    for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs,
-                                                        state_steps):
-        if torch.is_complex(param):  # complex numbers are updated as pairs of reals
-            param, grad, exp_avg, exp_avg_sq = map(torch.view_as_real,
-                                                   (param, grad, exp_avg, exp_avg_sq))
-        stored = (param, exp_avg, exp_avg_sq)
+    for param, grad, exp_avg, exp_avg_sq, step_t in zip(*tensors):
+        param, grad, exp_avg, exp_avg_sq = map(as_real, (param, grad, exp_avg, exp_avg_sq))
+        stored = [param, exp_avg, exp_avg_sq]
         param, grad, exp_avg, exp_avg_sq = map(upcast, (param, grad, exp_avg, exp_avg_sq))
         n = float(step_t)
         if maximize:
@@ -72,7 +59,5 @@ def adopt(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
             exp_avg.lerp_(update, 1 - beta1)                           # fma
             param.add_(exp_avg, alpha=-lr)                             # fma
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)  # fma, after p
-        for original, computed in zip(stored, (param, exp_avg, exp_avg_sq)):
-            if computed is not original:
-                original.copy_(computed)  # one rounding to the stored dtype
+        store_back(stored, [param, exp_avg, exp_avg_sq])
         step_t += 1

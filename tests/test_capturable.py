@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from adopt_triton import ADOPT, reference
-from harness import assert_bitwise_equal, wide_grad
+from adopt_triton import ADOPT
+from adopt_triton.common import default_clip_lambda
+from harness import ReferenceRun, assert_bitwise_equal, assert_same_run, assert_unchanged, snapshot, hyper, make_params as _make_params, wide_grad
 
 SHAPES = [(1,), (17,), (33, 65), (4, 3, 5, 7)]
 
 
 def make_params(device):
-    gen = torch.Generator().manual_seed(3)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in SHAPES]
+    return _make_params(SHAPES, device, seed=3)
 
 
 @contextlib.contextmanager
@@ -29,33 +29,28 @@ def no_host_reads():
         yield
 
 
-@pytest.mark.parametrize("clip_lambda", [reference.default_clip_lambda, lambda n: 0.5 * n**0.5, None],
+@pytest.mark.parametrize("clip_lambda", [default_clip_lambda, lambda n: 0.5 * n**0.5, None],
                          ids=["default_clip", "custom_clip", "no_clip"])
 def test_capturable_step_reads_no_tensor_on_the_host(kernel_device, clip_lambda):
     params = make_params(kernel_device)
-    expected = [p.detach().cpu().clone() for p in params]
-    state = [[torch.zeros_like(p) for p in expected], [torch.zeros_like(p) for p in expected],
-             [torch.tensor(0.0) for _ in expected]]
+    expected = ReferenceRun(params)
     lr = torch.tensor(2e-2, device=kernel_device)
     opt = ADOPT(params, lr=lr, capturable=True, fused=True, clip_lambda=clip_lambda)
     grads = [[wide_grad(p.shape) for p in params] for _ in range(12)]
     for p, g in zip(params, grads[0]):
         p.grad = g.to(kernel_device)
     opt.step()  # the first step allocates state
-    reference.adopt(expected, grads[0], *state, lr=2e-2, beta1=0.9, beta2=0.9999, eps=1e-6,
-                    clip_lambda=clip_lambda, weight_decay=0.0, decouple=False, maximize=False)
+    expected.step(grads[0], hyper(lr=2e-2, clip_lambda=clip_lambda))
     for step, step_grads in enumerate(grads[1:], start=1):
         for p, g in zip(params, step_grads):
             p.grad.copy_(g)
         lr.mul_(0.9)  # an lr schedule on the device
         with no_host_reads():
             opt.step()
-        reference.adopt(expected, step_grads, *state, lr=2e-2 * 0.9**step, beta1=0.9, beta2=0.9999,
-                        eps=1e-6, clip_lambda=clip_lambda, weight_decay=0.0, decouple=False,
-                        maximize=False)
-    for actual, wanted in zip(params, expected):
-        # lr *= 0.9 in float32 on the device vs in float64 on the host: not bitwise.
-        torch.testing.assert_close(actual.detach().cpu(), wanted)
+        expected.step(step_grads, hyper(lr=2e-2 * 0.9**step, clip_lambda=clip_lambda))
+    # lr *= 0.9 in float32 on the device vs in float64 on the host: not bitwise.
+    assert_same_run(params, [opt.state[p] for p in params], expected.tensors.params,
+                    [expected.state_of(i) for i in range(len(params))], exact=False)
 
 
 def test_capturable_matches_the_default_fused_path_bitwise_with_a_float_lr(kernel_device):
@@ -81,22 +76,28 @@ def test_default_clip_on_the_device_equals_the_host_value():
     to float32: equal to the host's float32(n ** 0.25) for every n < 2**22."""
     n = np.arange(1, 2**22, dtype=np.float64)
     on_device = np.sqrt(np.sqrt(n)).astype(np.float32)
-    on_host = np.array([reference.default_clip_lambda(float(k)) for k in n[::997]]).astype(np.float32)
+    on_host = np.array([default_clip_lambda(float(k)) for k in n[::997]]).astype(np.float32)
     assert np.array_equal(on_device[::997], on_host)
     assert np.array_equal(on_device, (n ** 0.25).astype(np.float32))
 
 
-def test_clip_lambda_that_cannot_take_a_tensor_is_a_clear_error(kernel_device):
+def test_capturable_clip_lambda_that_cannot_take_a_tensor_is_a_clear_error(kernel_device):
+    """A clip_lambda written for numbers works on every path (test_hostile),
+    but capturable=True cannot read step counts on the host: refused at
+    construction, and at the first step if it fails only on the device."""
     params = make_params(kernel_device)
-    before = [p.detach().clone() for p in params]
-    opt = ADOPT(params, fused=True, clip_lambda=lambda n: math.sqrt(n))
+    with pytest.raises(ValueError, match="capturable=True.*clip_lambda must compute element-wise"):
+        ADOPT(params, fused=True, capturable=True, clip_lambda=lambda n: math.sqrt(n))
+    numpy_only = lambda n: torch.as_tensor(np.asarray(n, dtype=np.float64) ** 0.5)  # noqa: E731
+    opt = ADOPT(params, fused=True, capturable=True, clip_lambda=numpy_only)  # no CUDA tensors
     for p in params:
         p.grad = torch.randn_like(p)
-    with pytest.raises(TypeError, match="this clip_lambda cannot take a tensor"):
-        opt.step()
-    for p, b in zip(params, before):
-        assert_bitwise_equal(p, b)
-    assert all(float(opt.state[p]["step"]) == 0 for p in params)
+    opt.step()  # first step: nothing clipped, nothing evaluated
+    if kernel_device == "cuda":
+        before = snapshot(opt, params)
+        with pytest.raises(RuntimeError, match="clip_lambda must compute element-wise"):
+            opt.step()
+        assert_unchanged(opt, params, before)
 
 
 def test_capturable_needs_the_fused_path_for_every_param():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from adopt_triton import ADOPT
-from harness import assert_bitwise_equal
+from harness import assert_unchanged, snapshot
 
 
 def model(device):
@@ -18,16 +18,6 @@ def backward(net, scaler, step, device):
     x, y = torch.randn(8, 13, generator=gen).to(device), torch.randn(8, 3, generator=gen).to(device)
     loss = torch.nn.functional.mse_loss(net(x), y)
     scaler.scale(loss).backward()
-
-
-def snapshot(net, opt):
-    """Params and state; a parameter without state yet counts as zero state."""
-    out = []
-    for p in net.parameters():
-        state = opt.state.get(p) or {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                     "exp_avg_sq": torch.zeros_like(p)}
-        out += [p.detach().clone()] + [state[k].detach().cpu().clone() for k in ("step", "exp_avg", "exp_avg_sq")]
-    return out
 
 
 @pytest.mark.parametrize("inf_at", [None, 0, 4], ids=["finite", "inf_first_step", "inf_step_4"])
@@ -49,15 +39,14 @@ def test_fused_grad_scaler_step_equals_unscale_then_step(kernel_device, inf_at):
                 next(net.parameters()).grad.view(-1)[5] = float("inf")
             if opt is unscaled_opt:
                 scaler.unscale_(opt)  # gradients unscaled in place: the kernel gets grad_scale=None
-            before = snapshot(net, opt)
+            before = snapshot(opt, list(net.parameters()))
             scaler.step(opt)
             scaler.update()
             if step == inf_at:  # skipped: everything bit-identical, step counts included
-                for a, b in zip(snapshot(net, opt), before):
-                    assert_bitwise_equal(a, b)
+                assert_unchanged(opt, list(net.parameters()), before)
         assert scalers[0].get_scale() == scalers[1].get_scale()
-        for a, b in zip(snapshot(nets[0], fused_opt), snapshot(nets[1], unscaled_opt)):
-            assert_bitwise_equal(a, b, f"step {step}")
+        assert_unchanged(fused_opt, list(nets[0].parameters()),
+                         snapshot(unscaled_opt, list(nets[1].parameters())), f"step {step}")
     if inf_at is not None:
         assert scalers[0].get_scale() < 2.0**12 * 2**3
         assert float(fused_opt.state[next(nets[0].parameters())]["step"]) == 9

@@ -11,50 +11,49 @@ import itertools
 import pytest
 import torch
 
-from adopt_triton import dispatch, reference
-from harness import SIZES, assert_bitwise_equal, wide_grad
+from adopt_triton import Tensors, adopt, reference
+from adopt_triton.common import default_clip_lambda
+from harness import SIZES, assert_bitwise_equal, hyper, wide_grad
 
 STEPS = 12
+CLIPS = {"default_clip": default_clip_lambda,  # computed in the kernel
+         "custom_clip": lambda n: n**0.25,     # evaluated by the host, one value per tensor
+         "no_clip": None}
 FLAG_COMBINATIONS = list(itertools.product(
     [False, True],                                    # maximize
     [(0.0, False), (0.05, False), (0.05, True)],      # weight_decay, decouple
-    [lambda n: n**0.25, None],                        # clip on / off
+    CLIPS,                                            # clip
 ))
 
 
 def make_state(shape, device):
     param = torch.randn(shape, device=device)
-    return [param, torch.zeros_like(param), torch.zeros_like(param), torch.tensor(0.0)]
+    return Tensors([param], [None], [torch.zeros_like(param)], [torch.zeros_like(param)],
+                   [torch.tensor(0.0, device=device)])
 
 
 def cpu_copy(state):
-    return [t.detach().cpu().clone() for t in state]
+    return Tensors(*([t.detach().cpu().clone() if t is not None else None for t in column]
+                     for column in state))
 
 
-def step_both(kernel_state, ref_state, grad, **hyper):
+def step_both(kernel_state, ref_state, grad, h):
     """One step of the kernel on its device and of the reference on CPU copies."""
-    param, exp_avg, exp_avg_sq, step = kernel_state
-    dispatch.adopt([param], [grad], [exp_avg], [exp_avg_sq], [step], fused=True, **hyper)
-    p, m, v, n = ref_state
-    reference.adopt([p], [grad.cpu()], [m], [v], [n], **hyper)
+    adopt(kernel_state._replace(grads=[grad]), h, fused=True)
+    reference.adopt(ref_state._replace(grads=[grad.cpu()]), h)
 
 
 def assert_states_equal(kernel_state, ref_state, what):
-    for name, actual, expected in zip(("param", "exp_avg", "exp_avg_sq", "step"), kernel_state, ref_state):
-        assert_bitwise_equal(actual, expected, f"{what} {name}")
-
-
-def hyper(lr=1e-2, betas=(0.9, 0.9999), eps=1e-6, clip_lambda=lambda n: n**0.25,
-          weight_decay=0.0, decouple=False, maximize=False):
-    return dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, clip_lambda=clip_lambda,
-                weight_decay=weight_decay, decouple=decouple, maximize=maximize)
+    for name, i in (("param", 0), ("exp_avg", 2), ("exp_avg_sq", 3), ("step", 4)):
+        assert_bitwise_equal(kernel_state[i][0], ref_state[i][0], f"{what} {name}")
 
 
 @pytest.mark.parametrize("shape", SIZES, ids=str)
 @pytest.mark.parametrize("maximize,decay,clip_lambda", FLAG_COMBINATIONS,
-                         ids=[f"max{m}-wd{d[0]}{'dec' if d[1] else ''}-clip{c is not None}"
+                         ids=[f"max{m}-wd{d[0]}{'dec' if d[1] else ''}-{c}"
                               for m, d, c in FLAG_COMBINATIONS])
 def test_kernel_matches_reference_bitwise(kernel_device, shape, maximize, decay, clip_lambda):
+    clip_lambda = CLIPS[clip_lambda]
     state = make_state(shape, kernel_device)
     ref = cpu_copy(state)
     weight_decay, decouple = decay
@@ -62,7 +61,7 @@ def test_kernel_matches_reference_bitwise(kernel_device, shape, maximize, decay,
         # A changing lr and an evolving clip value: runtime arguments, every step.
         h = hyper(lr=1e-2 * 0.8**i, clip_lambda=clip_lambda, weight_decay=weight_decay,
                   decouple=decouple, maximize=maximize)
-        step_both(state, ref, wide_grad(shape, kernel_device), **h)
+        step_both(state, ref, wide_grad(shape, kernel_device), h)
         assert_states_equal(state, ref, f"step {i}")
 
 
@@ -72,7 +71,7 @@ def test_kernel_matches_reference_for_betas(kernel_device, betas):
     state = make_state((4099,), kernel_device)
     ref = cpu_copy(state)
     for i in range(STEPS):
-        step_both(state, ref, wide_grad((4099,), kernel_device), **hyper(betas=betas, eps=1e-3))
+        step_both(state, ref, wide_grad((4099,), kernel_device), hyper(betas=betas, eps=1e-3))
         assert_states_equal(state, ref, f"step {i}")
 
 
@@ -82,15 +81,15 @@ def test_first_step_writes_only_exp_avg_sq(kernel_device):
     exp_avg_sq = torch.randn(4099, device=kernel_device)
     p0, m0 = param.clone(), exp_avg.clone()
     grad = wide_grad((4099,), kernel_device)
-    dispatch.adopt([param], [grad], [exp_avg], [exp_avg_sq], [torch.tensor(0.0)], fused=True,
-                   **hyper(weight_decay=0.1))  # coupled decay reads p on the first step
+    adopt(Tensors([param], [grad], [exp_avg], [exp_avg_sq], [torch.tensor(0.0, device=kernel_device)]),
+          hyper(weight_decay=0.1), fused=True)  # coupled decay reads p on the first step
     assert_bitwise_equal(param, p0, "param")
     assert_bitwise_equal(exp_avg, m0, "exp_avg")
     g = grad.cpu().add(p0.cpu(), alpha=0.1)
     assert_bitwise_equal(exp_avg_sq, g * g, "exp_avg_sq")
 
 
-@pytest.mark.parametrize("clip_lambda", [lambda n: n**0.25, None], ids=["clip", "noclip"])
+@pytest.mark.parametrize("clip_lambda", [default_clip_lambda, None], ids=["clip", "noclip"])
 @pytest.mark.parametrize("maximize", [False, True])
 def test_nan_and_inf_gradients_propagate_like_the_reference(kernel_device, clip_lambda, maximize):
     shape = (4099,)
@@ -102,17 +101,17 @@ def test_nan_and_inf_gradients_propagate_like_the_reference(kernel_device, clip_
         where = torch.randint(0, shape[0], (40,))
         grad[where] = specials[torch.randint(0, len(specials), (40,))]
         h = hyper(clip_lambda=clip_lambda, maximize=maximize, weight_decay=0.01, eps=0.0 if i % 2 else 1e-6)
-        step_both(state, ref, grad.to(kernel_device), **h)
+        step_both(state, ref, grad.to(kernel_device), h)
         assert_states_equal(state, ref, f"step {i}")
-    assert state[0].isnan().any() and state[2].isinf().any()  # the specials did reach the state
+    assert state.params[0].isnan().any() and state.exp_avg_sqs[0].isinf().any()  # the specials reached the state
 
 
 def test_large_and_odd_sizes_cover_several_programs(kernel_device):
     """A size that is not a multiple of the block and spans several programs."""
-    from adopt_triton.kernels.adopt import BLOCK_SIZE
-    shape = (2 * BLOCK_SIZE + 3,)
+    from adopt_triton.kernels.adopt import settings
+    shape = (2 * settings().block_size + 3,)
     state = make_state(shape, kernel_device)
     ref = cpu_copy(state)
     for i in range(3):
-        step_both(state, ref, wide_grad(shape, kernel_device), **hyper())
+        step_both(state, ref, wide_grad(shape, kernel_device), hyper())
         assert_states_equal(state, ref, f"step {i}")

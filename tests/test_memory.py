@@ -39,8 +39,9 @@ def test_fused_step_allocates_nothing_of_parameter_size(kernel_device, clip_lamb
     options = {} if clip_lambda is None else dict(clip_lambda=clip_lambda)
     largest, _ = extra_bytes_of_one_step(
         lambda ps: ADOPT(ps, fused=True, weight_decay=0.1, **options), kernel_device)
-    # Step counts and clip values only (the CUDA allocator rounds up to 512 B blocks).
-    assert largest <= (4 * len(SIZES) if kernel_device == "cpu" else 4096)
+    # Step counts (float64 for a custom clip_lambda) and clip values only (the CUDA
+    # allocator rounds up to 512 B blocks).
+    assert largest <= (8 * len(SIZES) if kernel_device == "cpu" else 4096)
     _, theirs = extra_bytes_of_one_step(
         lambda ps: adopt.ADOPT(ps, foreach=True, weight_decay=0.1), kernel_device)
     assert theirs >= 2 * 4 * sum(SIZES)  # the comparison point is real

@@ -10,9 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-from adopt_triton import ADOPT, reference
+from adopt_triton import ADOPT
 from adopt_triton.kernels.adopt import _store
-from harness import assert_bitwise_equal, wide_grad
+from harness import ReferenceRun, assert_bitwise_equal, hyper as make_hyper, through_disk, wide_grad
 
 # The bf16-state warning is asserted once, in its own test.
 pytestmark = pytest.mark.filterwarnings("ignore:state_dtype=torch.bfloat16 with beta2")
@@ -35,18 +35,15 @@ def run(param_dtype, state_dtype, stochastic, device, *, seed=1, steps=12, hyper
     hyper = hyper or dict(lr=1e-2, weight_decay=0.05, decouple=True)
     opt = ADOPT(params, fused=True, state_dtype=state_dtype, bf16_stochastic_round=stochastic,
                 stochastic_round_seed=7, **hyper)
-    master = [t.float() for t in start]
-    state = [[torch.zeros_like(t) for t in master], [torch.zeros_like(t) for t in master],
-             [torch.tensor(0.0) for _ in master]]
+    expected = ReferenceRun([t.float() for t in start])
     for _ in range(steps):
         grads = [wide_grad(s, spread=1.0).to(param_dtype) for s in SHAPES]
         for p, g in zip(params, grads):
             p.grad = g.to(device)
         opt.step()
-        reference.adopt(master, [g.float() for g in grads], *state, beta1=0.9, beta2=0.9999, eps=1e-6,
-                        clip_lambda=reference.default_clip_lambda, maximize=False,
-                        **{k: v for k, v in hyper.items()})
-    return params, opt, master, state
+        expected.step([g.float() for g in grads], make_hyper(**hyper))
+    t = expected.tensors
+    return params, opt, t.params, [t.exp_avgs, t.exp_avg_sqs, t.steps]
 
 
 def relative_error(actual, expected):
@@ -163,13 +160,6 @@ def test_bf16_training_loss_stays_close_to_float32(kernel_device):
     assert losses["fp32"] < 0.5  # it learned
     assert abs(losses["bf16"] - losses["fp32"]) < 0.05, losses
     assert abs(losses["bf16_state_sr"] - losses["fp32"]) < 0.05, losses
-
-
-def through_disk(state_dict):
-    buffer = io.BytesIO()
-    torch.save(state_dict, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 @pytest.mark.parametrize("state_dtype,stochastic", list(itertools.product(STATE_DTYPES, [False, True])))

@@ -1,44 +1,13 @@
 """One launch for many tensors: identical results, constant launch count,
 per-tensor step counts, cached launch tables."""
-import io
-
 import adopt
 import pytest
 import torch
 
-from adopt_triton import ADOPT, dispatch, fused, reference
-from adopt_triton.kernels import adopt as kernel
-from harness import assert_bitwise_equal, wide_grad
+from adopt_triton import ADOPT, Tensors, adopt as functional_adopt
+from harness import ReferenceRun, assert_bitwise_equal, assert_matches_reference, hyper, through_disk, wide_grad
 
-HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6, clip_lambda=reference.default_clip_lambda,
-             weight_decay=0.01, decouple=False, maximize=False)
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    """Records each launch of the fused kernel as the number of tensors it updates."""
-    calls = []
-    launch = kernel.adopt_step_
-
-    def counting(plan, *args, **kwargs):
-        calls.append(len(plan.key))
-        return launch(plan, *args, **kwargs)
-    monkeypatch.setattr(kernel, "adopt_step_", counting)
-    return calls
-
-
-@pytest.fixture
-def plan_builds(monkeypatch):
-    """Records each build of launch tables (the cache starts empty)."""
-    monkeypatch.setattr(fused, "_PLAN_CACHE", type(fused._PLAN_CACHE)())
-    calls = []
-    build = kernel.make_plan
-
-    def counting(key, device):
-        calls.append(len(key))
-        return build(key, device)
-    monkeypatch.setattr(kernel, "make_plan", counting)
-    return calls
+HYPER = hyper(betas=(0.9, 0.999), weight_decay=0.01)
 
 
 def mixed_sizes(count, largest=10_000):
@@ -49,23 +18,21 @@ def mixed_sizes(count, largest=10_000):
 
 def state_for(sizes, device):
     params = [torch.randn(n, device=device) for n in sizes]
-    return (params, [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params],
-            [torch.zeros((), device=device) for _ in params])
+    return Tensors(params, [None] * len(params), [torch.zeros_like(p) for p in params],
+                   [torch.zeros_like(p) for p in params], [torch.zeros((), device=device) for _ in params])
 
 
 def test_300_tensors_in_one_launch_equal_one_launch_per_tensor(kernel_device, launches):
     sizes = mixed_sizes(300)
     together = state_for(sizes, kernel_device)
-    alone = [[t.clone() for t in column] for column in together]
+    alone = Tensors(*([t.clone() if t is not None else None for t in column] for column in together))
     for step in range(10):
         grads = [wide_grad((n,), kernel_device) for n in sizes]
-        dispatch.adopt(together[0], grads, together[1], together[2], together[3], fused=True,
-                       **HYPER)
+        functional_adopt(together._replace(grads=grads), HYPER, fused=True)
         for i, grad in enumerate(grads):
-            dispatch.adopt([alone[0][i]], [grad], [alone[1][i]], [alone[2][i]], [alone[3][i]],
-                           fused=True, **HYPER)
-    assert launches.count(300) == 10 and launches.count(1) == 3000
-    for column, name in zip(range(4), ("param", "exp_avg", "exp_avg_sq", "step")):
+            functional_adopt(alone.pick([i])._replace(grads=[grad]), HYPER, fused=True)
+    assert list(map(len, launches)).count(300) == 10 and list(map(len, launches)).count(1) == 3000
+    for column, name in ((0, "param"), (2, "exp_avg"), (3, "exp_avg_sq"), (4, "step")):
         for i in range(len(sizes)):
             assert_bitwise_equal(together[column][i], alone[column][i], f"{name} of tensor {i}")
 
@@ -78,7 +45,7 @@ def test_launch_count_does_not_grow_with_the_number_of_tensors(kernel_device, la
         for p in params:
             p.grad = torch.randn_like(p)
         opt.step()
-    assert launches == [count, count]  # one launch per step, whatever the count
+    assert list(map(len, launches)) == [count, count]  # one launch per step, whatever the count
 
 
 def test_tensors_with_different_step_counts_share_a_launch(kernel_device, launches):
@@ -89,9 +56,7 @@ def test_tensors_with_different_step_counts_share_a_launch(kernel_device, launch
     shapes = [(301,), (4099,)]
     ours = [torch.nn.Parameter(torch.randn(s, device=kernel_device)) for s in shapes]
     theirs_foreach = [torch.nn.Parameter(p.detach().cpu().clone()) for p in ours]
-    expected = [p.detach().cpu().clone() for p in ours]
-    state = [[torch.zeros_like(p) for p in expected], [torch.zeros_like(p) for p in expected],
-             [torch.tensor(0.0) for _ in expected]]
+    expected = ReferenceRun(ours)
     opt = ADOPT(ours, lr=1e-2, fused=True)
     foreach_opt = adopt.ADOPT(theirs_foreach, lr=1e-2, foreach=True)
     for step in range(12):
@@ -102,21 +67,14 @@ def test_tensors_with_different_step_counts_share_a_launch(kernel_device, launch
             theirs_foreach[i].grad = grads[i].clone() if i in grads else None
         opt.step()
         foreach_opt.step()
-        for i in active:  # the single-tensor reference, one tensor at a time
-            reference.adopt([expected[i]], [grads[i]], [state[0][i]], [state[1][i]], [state[2][i]],
-                            lr=1e-2, beta1=0.9, beta2=0.9999, eps=1e-6,
-                            clip_lambda=reference.default_clip_lambda, weight_decay=0.0,
-                            decouple=False, maximize=False)
-    assert launches[5:] == [2] * 7  # both tensors in each launch after step 5
-    for i in range(2):
-        assert_bitwise_equal(ours[i], expected[i], f"param {i}")
-        assert_bitwise_equal(opt.state[ours[i]]["exp_avg_sq"], state[1][i], f"exp_avg_sq {i}")
-        assert float(opt.state[ours[i]]["step"]) == float(state[2][i])
+        expected.step([grads[i] for i in active], hyper(), active)  # the single-tensor reference
+    assert list(map(len, launches[5:])) == [2] * 7  # both tensors in each launch after step 5
+    assert_matches_reference(opt, ours, expected)
     # torch-adopt foreach never initialised param 1's v: far from the reference.
-    assert not torch.allclose(theirs_foreach[1].detach(), expected[1], atol=1e-3)
+    assert not torch.allclose(theirs_foreach[1].detach(), expected.tensors.params[1], atol=1e-3)
 
 
-def test_launch_tables_are_cached_and_rebuilt_only_when_tensors_change(kernel_device, plan_builds):
+def test_launch_tables_are_cached_and_rebuilt_only_when_tensors_change(kernel_device, table_builds):
     params = [torch.nn.Parameter(torch.randn(n, device=kernel_device)) for n in (3, 70, 500)]
     for p in params:
         p.grad = torch.randn_like(p)
@@ -125,23 +83,17 @@ def test_launch_tables_are_cached_and_rebuilt_only_when_tensors_change(kernel_de
         for p in params:
             p.grad.copy_(torch.randn_like(p))
         opt.step()
-    assert plan_builds == [3]
+    assert table_builds == [3]
     old_grad = params[1].grad
-    params[1].grad = torch.randn_like(params[1])  # new storage for one gradient
+    params[1].grad = torch.randn_like(params[1])  # new storage for one gradient: new addresses only
     opt.step()
-    assert plan_builds == [3, 3]
+    assert table_builds == [3]
     extra = torch.nn.Parameter(torch.randn(9, device=kernel_device))
     extra.grad = torch.randn_like(extra)
     opt.add_param_group({"params": [extra], "lr": 1e-2})
     opt.step()
-    assert plan_builds == [3, 3, 1]  # the new group's table; the first group's is reused
-    opt.load_state_dict(opt.state_dict())  # the same state tensors: nothing to rebuild
+    assert table_builds == [3, 1]  # the new group's table; the first group's is reused
+    opt.load_state_dict(through_disk(opt.state_dict()))  # new state tensors
     opt.step()
-    assert plan_builds == [3, 3, 1]
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    buffer.seek(0)
-    opt.load_state_dict(torch.load(buffer, weights_only=True))  # new state tensors
-    opt.step()
-    assert plan_builds == [3, 3, 1, 3, 1]
+    assert table_builds == [3, 1, 3, 1]
     del old_grad

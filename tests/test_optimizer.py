@@ -9,26 +9,13 @@ import adopt
 import pytest
 import torch
 
-from adopt_triton import ADOPT, reference
+from adopt_triton import ADOPT
 from adopt_triton.kernels import adopt as kernel
-from harness import assert_bitwise_equal, wide_grad
+from harness import ReferenceRun, assert_bitwise_equal, assert_same_run, hyper, make_params, wide_grad
 
 
 def params_of(*shapes, device="cpu", dtype=torch.float32):
-    return [torch.nn.Parameter(torch.randn(s, device=device, dtype=dtype)) for s in shapes]
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    """Records each launch of the fused kernel as the tuple of its tensors' sizes."""
-    calls = []
-    launch = kernel.adopt_step_
-
-    def counting(plan, *args, **kwargs):
-        calls.append(tuple(row[0] for row in plan.key))
-        return launch(plan, *args, **kwargs)
-    monkeypatch.setattr(kernel, "adopt_step_", counting)
-    return calls
+    return make_params(shapes, device, dtype)
 
 
 # --- constructor -------------------------------------------------------------
@@ -171,17 +158,14 @@ def test_differentiable_runs_the_eager_reference_under_autograd(launches):
     records the update in the autograd graph."""
     leaf = torch.randn(6, requires_grad=True)
     param = leaf * 1.0  # non-leaf
-    expected = leaf.detach().clone()
+    expected = ReferenceRun([leaf])
     opt = ADOPT([param], lr=0.05, differentiable=True)
-    m, v, n = torch.zeros(6), torch.zeros(6), torch.tensor(0.0)
     for _ in range(10):
         grad = wide_grad((6,))
         param.grad = grad
         opt.step()
-        reference.adopt([expected], [grad], [m], [v], [n], lr=0.05, beta1=0.9, beta2=0.9999,
-                        eps=1e-6, clip_lambda=lambda s: s**0.25, weight_decay=0.0,
-                        decouple=False, maximize=False)
-    assert_bitwise_equal(param, expected)
+        expected.step([grad], hyper(lr=0.05))
+    assert_bitwise_equal(param, expected.tensors.params[0])
     param.sum().backward()
     assert leaf.grad is not None and leaf.grad.isfinite().all()
     assert launches == []
@@ -230,8 +214,7 @@ def test_step_is_a_float32_scalar_where_its_path_reads_it(kernel_device, fused):
 def run_layout_case(param, grads, *, exp_avg=None, exp_avg_sq=None, steps=10):
     """Run the fused optimizer on ``param`` (any layout), and the reference on
     plain contiguous copies; return both for comparison."""
-    expected = param.detach().clone(memory_format=torch.contiguous_format)
-    m, v, n = torch.zeros_like(expected), torch.zeros_like(expected), torch.tensor(0.0)
+    expected = ReferenceRun([param.detach().clone(memory_format=torch.contiguous_format)])
     opt = ADOPT([param], lr=0.05, weight_decay=0.1, decouple=True, fused=True)
     if exp_avg is not None:  # state with its own layout, as a checkpoint may bring
         opt.state[param].update(step=torch.tensor(0.0), exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
@@ -239,14 +222,10 @@ def run_layout_case(param, grads, *, exp_avg=None, exp_avg_sq=None, steps=10):
     for grad in grads[:steps]:
         param.grad = grad
         opt.step()
-        reference.adopt([expected], [grad.detach().clone()], [m], [v], [n], lr=0.05, beta1=0.9,
-                        beta2=0.9999, eps=1e-6, clip_lambda=lambda s: s**0.25,
-                        weight_decay=0.1, decouple=True, maximize=False)
+        expected.step([grad.contiguous()], hyper(lr=0.05, weight_decay=0.1, decouple=True))
     assert param.data_ptr() == pointer  # updated in place
-    state = opt.state[param]
-    for actual, wanted, name in ((param, expected, "param"), (state["exp_avg"], m, "exp_avg"),
-                                 (state["exp_avg_sq"], v, "exp_avg_sq")):
-        assert_bitwise_equal(actual.contiguous(), wanted, name)
+    state = {key: t.contiguous() for key, t in opt.state[param].items()}
+    assert_same_run([param.contiguous()], [state], expected.tensors.params, [expected.state_of(0)])
 
 
 def test_channels_last_params_are_updated_in_place(kernel_device, launches):

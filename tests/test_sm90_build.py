@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 BUILD = r'''
 import itertools, json, os, re, subprocess, tempfile
-import triton, triton.language as tl
+import torch, triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.backends.nvidia.compiler import get_ptxas
@@ -26,8 +26,9 @@ from adopt_triton.kernels import adopt as k
 
 signature = {"meta_ptr": "*i64", "block_tensor_ptr": "*i32", "lr_ptr": "*fp32", "clip_ptr": "*fp32",
              "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "neg_lr": "fp32", "weight_decay": "fp32",
-             "neg_lr_weight_decay": "fp32", "lerp_coeff": "fp32", "lerp_from_end": "i32", "beta2": "fp32",
+             "neg_lr_weight_decay": "fp32", "lerp_coeff": "fp32", "beta2": "fp32",
              "one_minus_beta2": "fp32", "eps": "fp32", "seed": "i32"}
+assert list(signature) + list(k._CONSTEXPRS) == list(k._adopt_kernel.arg_names)
 dtypes = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
 variants = [("fp32", "fp32", False, 0, 0, False), ("fp32", "fp32", True, 1, 1, True),
             ("fp32", "fp32", True, 2, 2, False), ("bf16", "fp32", False, 2, 1, True),
@@ -35,10 +36,9 @@ variants = [("fp32", "fp32", False, 0, 0, False), ("fp32", "fp32", True, 1, 1, T
             ("fp32", "bf16", True, 2, 1, False)]
 report = []
 for param, state, stochastic, weight_decay, clip, on_device in variants:
-    constexprs = dict(DTYPE=dtypes[param], STATE_DTYPE=dtypes[state], MAXIMIZE=on_device,
-                      WEIGHT_DECAY=weight_decay, CLIP=clip, LR_ON_DEVICE=on_device, HAS_GRAD_SCALE=on_device,
-                      HAS_FOUND_INF=on_device, STOCHASTIC=stochastic, ALIGNED=param != "fp16",
-                      BLOCK_SIZE=2048)
+    variant = k.Variant(torch.float32, torch.float32, on_device, weight_decay, clip, clip == 2,
+                        on_device, on_device, on_device, stochastic)
+    constexprs = dict(variant.constexprs(2048), DTYPE=dtypes[param], STATE_DTYPE=dtypes[state])
     full = dict(signature, **{name: "constexpr" for name in constexprs})
     compiled = triton.compile(ASTSource(fn=k._adopt_kernel, signature=full, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8, **k.COMPILE_OPTIONS))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adopt_triton import ADOPT
-from harness import assert_bitwise_equal, wide_grad
+from harness import assert_bitwise_equal, make_params, through_disk, wide_grad
 
 SHAPES = [(1,), (17,), (6, 11), (2, 3, 5, 4)]
 SAVE_AT, TOTAL = 6, 12
@@ -14,8 +14,7 @@ OPTIONS = dict(lr=1e-2, weight_decay=0.02, decouple=True)
 
 
 def fresh_params(device):
-    gen = torch.Generator().manual_seed(1)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in SHAPES]
+    return make_params(SHAPES, device, seed=1)
 
 
 def gradient_stream(device):
@@ -30,13 +29,6 @@ def train(optimizer, params, grads):
         for p, g in zip(params, step_grads):
             p.grad = g.clone()
         optimizer.step()
-
-
-def through_disk(state_dict):
-    buffer = io.BytesIO()
-    torch.save(state_dict, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 def make(kind, params, device):

@@ -6,32 +6,10 @@ import pytest
 import torch
 
 from adopt_triton import ADOPT
-from harness import wide_grad
+from harness import assert_same_run, make_params, wide_grad
 
 STEPS = 12
 SHAPES = [(1,), (17,), (33, 65), (4, 3, 5, 7)]
-
-
-def make_params(device, dtype=torch.float32, shapes=SHAPES):
-    params = [torch.randn(s, dtype=torch.float64) for s in shapes]
-    if dtype.is_complex:
-        params = [torch.view_as_complex(torch.randn(tuple(s) + (2,), dtype=torch.float64)) for s in shapes]
-    return [p.to(dtype) for p in params]
-
-
-def as_parameters(tensors, device):
-    return [torch.nn.Parameter(t.clone().to(device)) for t in tensors]
-
-
-def assert_same_run(ours, theirs, ours_params, theirs_params, what):
-    for index, (a, b) in enumerate(zip(ours_params, theirs_params)):
-        torch.testing.assert_close(a.detach().cpu(), b.detach(), msg=lambda m: f"{what} param {index}: {m}")
-        sa, sb = ours.state.get(a, {}), theirs.state.get(b, {})
-        assert sa.keys() == sb.keys(), f"{what} param {index}: state keys {sa.keys()} vs {sb.keys()}"
-        for key in sb:
-            assert sa[key].dtype == sb[key].dtype and sa[key].shape == sb[key].shape
-            torch.testing.assert_close(sa[key].cpu(), sb[key].cpu(),
-                                       msg=lambda m: f"{what} param {index} {key}: {m}")
 
 
 def run_against_torch_adopt(device, options=None, *, groups=None, dtype=torch.float32,
@@ -44,8 +22,7 @@ def run_against_torch_adopt(device, options=None, *, groups=None, dtype=torch.fl
     """
     options = dict(options or {})
     flags = dict(fused=True) if flags is None else flags
-    initial = make_params(device, dtype)
-    ours_params, theirs_params = as_parameters(initial, device), as_parameters(initial, "cpu")
+    ours_params, theirs_params = make_params(SHAPES, device, dtype), make_params(SHAPES, "cpu", dtype)
     groups = groups or (lambda params: params)
     if lr_factory is not None:
         ours = ADOPT(groups(ours_params), lr=lr_factory(), **flags, **options)
@@ -65,7 +42,8 @@ def run_against_torch_adopt(device, options=None, *, groups=None, dtype=torch.fl
         theirs.step()
         for s in schedulers:
             s.step()
-        assert_same_run(ours, theirs, ours_params, theirs_params, f"step {step}")
+        assert_same_run(ours_params, [ours.state.get(p, {}) for p in ours_params], theirs_params,
+                        [theirs.state.get(p, {}) for p in theirs_params], f"step {step}", exact=False)
     return ours, theirs
 
 

@@ -1,0 +1,238 @@
+"""A param group's step, decided once and reused while nothing moves.
+
+Built when a group first steps (and again whenever anything it depends on
+changed): which path each tensor takes, the fused launches with their
+tables and staging, where the step counts live, the float32 scalars of the
+hyper-parameters. Each step then only checks, in a few C-level passes over
+the group, which params have a gradient and whether any address, shape,
+dtype or layout moved (``reuse``), and runs.
+"""
+from collections import defaultdict
+from itertools import compress, repeat
+from operator import attrgetter, is_not, itemgetter
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+
+from adopt_triton import dispatch
+from adopt_triton.clip import ClipEvaluator
+from adopt_triton.common import (Hyper, Scaling, Tensors, default_clip_lambda, fingerprint,
+                                 local_shard)
+from adopt_triton.fused import FusedStep, advance_steps
+from adopt_triton.kernels import adopt as kernel
+
+_GRAD = attrgetter("grad")
+_EXP_AVG, _EXP_AVG_SQ, _STEP = itemgetter("exp_avg"), itemgetter("exp_avg_sq"), itemgetter("step")
+_NONE = repeat(None)
+
+
+class OptimizerState(defaultdict):
+    """``optimizer.state`` (a ``defaultdict(dict)`` as torch.optim's) that
+    counts its changes, so a cached program can tell at no per-tensor cost
+    that no param's state dict was replaced or removed. (Tensors replaced
+    inside a state dict show in the program's fingerprint.)"""
+
+    def __init__(self, *args):
+        super().__init__(dict, *args)
+        self.version = 0
+
+    def __reduce__(self):  # pickles and deep-copies as the defaultdict it is
+        return (defaultdict, (dict,), None, None, iter(self.items()))
+
+    def _changed(method):
+        def changed(self, *args, **kwargs):
+            self.version += 1
+            return method(self, *args, **kwargs)
+        changed.__name__ = method.__name__
+        return changed
+
+    __setitem__ = _changed(defaultdict.__setitem__)
+    __delitem__ = _changed(defaultdict.__delitem__)
+    pop = _changed(defaultdict.pop)
+    popitem = _changed(defaultdict.popitem)
+    clear = _changed(defaultdict.clear)
+    update = _changed(defaultdict.update)
+    setdefault = _changed(defaultdict.setdefault)
+    del _changed
+
+
+def grads_of(params: List[Tensor]) -> List[Optional[Tensor]]:
+    return list(map(_GRAD, params))
+
+
+def has_grad(grads: List[Optional[Tensor]]) -> List[bool]:
+    return list(map(is_not, grads, _NONE))
+
+
+class Prepared(NamedTuple):
+    """A step's values that may fail to compute: all of them are computed,
+    for every group, before any group is updated."""
+    scalars: kernel.StepScalars
+    clips: Optional[List[Tensor]]  # a custom clip_lambda's values, one array per launch
+    eager_hyper: Hyper             # its clip_lambda answers from values computed beforehand
+
+
+def _flat_advance(steps: List[Tensor]) -> Optional[List[Tuple[Tensor, Optional[Tensor]]]]:
+    """How to add one to these step counts in one op per flat array they are
+    views of: (array, None) for all of it, else (array, index of the counts);
+    None if they are not all views of flat arrays."""
+    by_base: Dict[int, Tuple[Tensor, List[int]]] = {}
+    for step in steps:
+        base = step._base
+        if base is None or base.dim() != 1:
+            return None
+        by_base.setdefault(id(base), (base, []))[1].append(step.storage_offset() - base.storage_offset())
+    plan = []
+    for base, indices in by_base.values():
+        whole = indices == list(range(base.numel()))
+        plan.append((base, None if whole else torch.tensor(indices, device=base.device)))
+    return plan
+
+
+class GroupProgram:
+    """The cached step of one param group for one set of params with gradients."""
+
+    def __init__(self, group: dict, mask: List[bool], tensors: Tensors, *, fused: Optional[bool],
+                 foreach: Optional[bool]):
+        self.group = group
+        self.mask = mask
+        self.all_active = all(mask)
+        self.sharded = any(isinstance(p, DTensor) for p in tensors.params)
+        self.fingerprint = self._fingerprint(tensors)
+        self.tensors = tensors._replace(grads=[None] * len(tensors.grads))  # not kept alive
+        self.grads = tensors.grads  # this step's, until it ran
+        fused_positions = dispatch.fused_positions(fused, tensors.params)
+        eager_positions = [i for i in range(len(tensors.params)) if i not in set(fused_positions)]
+        self.fused_positions = None if len(fused_positions) == len(tensors.params) else fused_positions
+        self.fused = FusedStep(tensors.pick(fused_positions)) if fused_positions else None
+        self.advance = _flat_advance([tensors.steps[i] for i in fused_positions])
+        self.eager_positions = eager_positions
+        self.eager_implementation = dispatch.eager_implementation(foreach)
+        self.state_of: tuple = (None, None, None, None)  # the state dicts looked up, and for what
+        self._scalars_key: Optional[tuple] = None
+        self._scalars: Optional[kernel.StepScalars] = None
+
+    def _fingerprint(self, tensors: Tensors) -> tuple:
+        columns = tensors
+        if self.sharded:
+            columns = [list(map(local_shard, column)) for column in tensors]
+        return fingerprint(*columns)
+
+    def reuse(self, params: List[Tensor], grads: List[Optional[Tensor]], state: dict) -> bool:
+        """Whether this program still fits the group as it is now (then it
+        takes the new gradients); False when anything moved."""
+        if has_grad(grads) != self.mask:
+            return False
+        if not self.all_active:
+            params, grads = list(compress(params, self.mask)), list(compress(grads, self.mask))
+        try:
+            if state is self.state_of[0] and getattr(state, "version", None) == self.state_of[1] \
+                    and list(map(id, params)) == self.state_of[2]:
+                states = self.state_of[3]  # the same params, whose state dicts were not replaced
+            else:
+                states = list(map(state.__getitem__, params))
+                self.state_of = (state, getattr(state, "version", None), list(map(id, params)), states)
+            current = self._fingerprint(Tensors(params, grads, list(map(_EXP_AVG, states)),
+                                                list(map(_EXP_AVG_SQ, states)),
+                                                list(map(_STEP, states))))
+        except (KeyError, RuntimeError, AttributeError):  # state gone, sparse or odd tensors
+            return False
+        if current[:-1] != self.fingerprint[:-1]:
+            return False
+        if current[-1] != self.fingerprint[-1]:  # new gradient storage: new tables
+            if self.fused is not None:
+                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                    return False  # the rebuild raises the clear error
+                self.fused.with_grad_addresses(self._fused_part(current[-1]))
+            self.fingerprint = current
+        self.grads = grads
+        return True
+
+    def _fused_part(self, column: list) -> list:
+        return column if self.fused_positions is None else [column[i] for i in self.fused_positions]
+
+    def prepare(self, hyper: Hyper, clip: Optional[ClipEvaluator], *, capturable: bool) -> Prepared:
+        """The float32 scalars (cached while the hyper-parameters stay) and a
+        custom clip_lambda's values: everything that can fail, computed
+        before anything is updated."""
+        lr = hyper.lr
+        lr_value = None if isinstance(lr, Tensor) and (lr.device.type != "cpu" or capturable) \
+            else float(lr)
+        key = (lr_value, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay)
+        if key != self._scalars_key:
+            self._scalars = scalars_for(hyper, lr_value)
+            self._scalars_key = key
+        clips, eager_hyper = None, hyper
+        if clip is not None:
+            if self.fused is not None:
+                clips = self.fused.clip_values(clip, capturable)
+            if self.eager_positions:
+                counts = torch.stack([self.tensors.steps[i] for i in self.eager_positions]).tolist()
+                eager_hyper = hyper._replace(clip_lambda=clip.by_count(counts).__getitem__)
+        return Prepared(self._scalars, clips, eager_hyper)
+
+    def run(self, prepared: Prepared, hyper: Hyper, scaling: Scaling, seed: Optional[int]) -> None:
+        """The step: the fused launches, the eager paths, the step counts."""
+        grads = self.grads
+        if self.fused is not None:
+            self.fused.run(self._fused_part(grads), hyper, prepared.scalars, scaling, seed,
+                           prepared.clips)
+            if self.advance is None:
+                advance_steps(self._fused_part(self.tensors.steps), scaling.found_inf)
+            else:
+                for flat, index in self.advance:
+                    increment = torch.ones((), device=flat.device) if scaling.found_inf is None \
+                        else 1 - scaling.found_inf.to(flat.device, torch.float32)
+                    if index is None:
+                        flat.add_(increment)
+                    else:
+                        flat.index_add_(0, index, increment.expand(index.numel()))
+        if self.eager_positions:
+            self._run_eager(grads, prepared.eager_hyper, scaling)
+        del self.grads
+
+    def _run_eager(self, grads, hyper: Hyper, scaling: Scaling) -> None:
+        """GradScaler's unscale-and-skip done eagerly (reading found_inf on
+        the host, as GradScaler itself does for unfused optimizers)."""
+        if scaling.found_inf is not None and float(scaling.found_inf) != 0:
+            return
+        tensors = self.tensors.pick(self.eager_positions)
+        grads = [grads[i] for i in self.eager_positions]
+        if scaling.grad_scale is not None:
+            grads = [g / scaling.grad_scale.to(g.device) for g in grads]
+        self.eager_implementation(tensors._replace(grads=grads), hyper)
+
+
+def scalars_for(hyper: Hyper, lr: Optional[float]) -> kernel.StepScalars:
+    """The float32 scalars, refusing values float32 cannot hold (an update
+    with inf would turn every param NaN or inf)."""
+    for name, value in (("lr", lr), ("weight_decay", hyper.weight_decay), ("eps", hyper.eps),
+                        ("lr * weight_decay", None if lr is None else lr * hyper.weight_decay)):
+        if value is not None and kernel._f32(value) in (float("inf"), float("-inf")):
+            raise ValueError(f"ADOPT: {name}={value} is beyond the float32 range the update is "
+                             "computed in")
+    return kernel.StepScalars.make(lr=0.0 if lr is None else lr, beta1=hyper.beta1,
+                                   beta2=hyper.beta2, eps=hyper.eps, weight_decay=hyper.weight_decay)
+
+
+def custom_clip(clip_lambda: Optional[Callable]) -> bool:
+    """A clip_lambda other than the default (which the kernel computes itself)."""
+    return clip_lambda is not None and clip_lambda is not default_clip_lambda
+
+
+def adopt(tensors: Tensors, hyper: Hyper, *, fused: Optional[bool] = None,
+          foreach: Optional[bool] = None, scaling: Scaling = Scaling(),
+          stochastic_round_seed: Optional[int] = None, capturable: bool = False) -> None:
+    """Functional ADOPT over lists of tensors, as ``torch.optim.adam.adam``:
+    each tensor goes to the fused kernel (as ``fused`` decides, see
+    ``dispatch.use_fused``) or to an eager path (``foreach``), and its step
+    count is incremented. The step counts of tensors on the fused path must
+    be float32 scalars on their parameter's device. Everything is checked
+    before anything is updated."""
+    dispatch.check(tensors, fused)
+    program = GroupProgram(None, [True] * len(tensors.params), tensors, fused=fused, foreach=foreach)
+    clip = ClipEvaluator(hyper.clip_lambda) if custom_clip(hyper.clip_lambda) else None
+    prepared = program.prepare(hyper, clip, capturable=capturable)
+    program.run(prepared, hyper, scaling, stochastic_round_seed)
