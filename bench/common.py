@@ -24,6 +24,7 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else 
 
 import triton  # noqa: E402
 
+import adopt_triton  # noqa: E402
 from adopt_triton.kernels.adopt import INTERPRETED  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
@@ -58,6 +59,13 @@ def _llama_1b():  # Llama-3.2-1B: 16 layers, d 2048, 8 kv heads of 64, MLP 8192,
 def _small(count, largest):
     gen = torch.Generator().manual_seed(0)
     return [(int(n),) for n in torch.randint(1, largest + 1, (count,), generator=gen)]
+
+
+def headline_sets():
+    """The parameter sets of the headline comparison (bench/run_gpu.sh stage c)."""
+    if SMOKE:
+        return ["gpt2_124m_shaped", "llama_1b_shaped", "one_tensor_2^13", "small_tensors_x1000"]
+    return ["gpt2_124m", "llama_1b", "one_tensor_2^26", "small_tensors_x1000"]
 
 
 def parameter_sets():
@@ -118,22 +126,31 @@ def slug(text):
 
 
 def results_path():
+    """results/<device>-<date>.json; ADOPT_BENCH_DATE pins the date, so that a run
+    crossing midnight (bench/run_gpu.sh sets it) still writes one file."""
     name = "cpu-smoke" if SMOKE else slug(device_name())
-    return RESULTS_DIR / f"{name}-{datetime.date.today().isoformat()}.json"
+    date = os.environ.get("ADOPT_BENCH_DATE") or datetime.date.today().isoformat()
+    return RESULTS_DIR / f"{name}-{date}.json"
 
 
 def record(rows, absent=(), copy_gbps=None, command=None):
     """Merge rows into this device's results file for today (a row replaces
-    an earlier one with the same case, impl, dtype and size)."""
+    an earlier one with the same case, impl, dtype and size). ``command`` is
+    the run's (ADOPT_BENCH_COMMAND when a script runs several steps); each
+    step's own command is listed under ``steps``."""
     path = results_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     data = json.loads(path.read_text()) if path.exists() else {"rows": [], "absent": {}}
     data.update(
         device=device_name(), smoke=SMOKE, date=datetime.datetime.now().isoformat(timespec="seconds"),
         torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-        python=platform.python_version(), command=command or " ".join(sys.argv),
+        python=platform.python_version(),
+        command=os.environ.get("ADOPT_BENCH_COMMAND") or command or " ".join(sys.argv),
+        adopt_triton=str(pathlib.Path(adopt_triton.__file__).parent), headline_sets=headline_sets(),
         note=("CPU smoke run through Triton's interpreter: these numbers test the benchmark "
               "code, they are not GPU results") if SMOKE else "")
+    step = command or " ".join(sys.argv)
+    data["steps"] = data.get("steps", []) + ([step] if step not in data.get("steps", []) else [])
     if copy_gbps is not None:
         data["copy_bandwidth_gbps"] = copy_gbps
     key = lambda row: (row["case"], row["impl"], row["dtype"], row["numel"], row["n_tensors"])  # noqa: E731
@@ -141,5 +158,7 @@ def record(rows, absent=(), copy_gbps=None, command=None):
     merged.update({key(row): row for row in rows})
     data["rows"] = list(merged.values())
     data["absent"].update(dict(absent))
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    partial = path.with_suffix(".json.partial")  # replaced in one step: a kill never leaves half a file
+    partial.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(partial, path)
     return path

@@ -1,5 +1,6 @@
-"""pytest-benchmark comparisons: rows are collected during the session and
-written to bench/results/<device>-<date>.json at its end (see common.record)."""
+"""pytest-benchmark comparisons: each row is merged into
+bench/results/<device>-<date>.json as soon as it is measured (see
+common.record), so a run that is cut short keeps every finished row."""
 import sys
 
 import pytest
@@ -11,16 +12,23 @@ import common
 class Results:
     def __init__(self):
         self.rows, self.absent = [], {}
+        self.command = "pytest " + " ".join(sys.argv[1:])
+
+    def add(self, row):
+        self.rows.append(row)
+        common.record([row], command=self.command)
+
+    def add_absent(self, impl, reason):
+        if impl not in self.absent:
+            self.absent[impl] = reason
+            common.record([], {impl: reason}, command=self.command)
 
 
 @pytest.fixture(scope="session")
 def results():
     collected = Results()
     yield collected
-    if collected.rows or collected.absent:
-        largest = max((row["numel"] * common.update_bytes_per_element(torch.float32)
-                       for row in collected.rows), default=None)
-        path = common.record(collected.rows, collected.absent,
-                             copy_gbps=largest and common.copy_bandwidth_gbps(largest),
-                             command="pytest " + " ".join(sys.argv[1:]))
+    if collected.rows:
+        largest = max(row["numel"] * common.update_bytes_per_element(torch.float32) for row in collected.rows)
+        path = common.record([], copy_gbps=common.copy_bandwidth_gbps(largest), command=collected.command)
         print(f"\nbenchmark results: {path}")

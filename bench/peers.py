@@ -61,21 +61,30 @@ def _heavyball():
     return heavyball.ADOPT
 
 
+# In the order of the benchmark runs: the headline first, those that compile
+# for minutes last.
 IMPLEMENTATIONS: Dict[str, Callable[[], Callable]] = {
     "adopt_triton_fused": lambda: lambda params: ADOPT(params, fused=True),
     "adopt_triton_fused_bf16_state": lambda: lambda params: ADOPT(
         params, fused=True, state_dtype=torch.bfloat16, bf16_stochastic_round=True),
+    "torch_adopt_foreach": lambda: _torch_adopt(True),
+    "torch_adamw_fused": lambda: lambda params: torch.optim.AdamW(params, fused=True),
+    "torch_adamw_foreach": lambda: lambda params: torch.optim.AdamW(params, foreach=True),
     "adopt_triton_foreach": lambda: lambda params: ADOPT(params, fused=False, foreach=True),
     "adopt_triton_reference": lambda: lambda params: ADOPT(params, fused=False, foreach=False),
-    "reference_torch_compile": lambda: CompiledReference,
-    "torch_adopt_foreach": lambda: _torch_adopt(True),
     "torch_adopt_single_tensor": lambda: _torch_adopt(False),
     "timm_adopt": _timm,
     "pytorch_optimizer_adopt": _pytorch_optimizer,
     "heavyball_adopt": _heavyball,
-    "torch_adamw_fused": lambda: lambda params: torch.optim.AdamW(params, fused=True),
-    "torch_adamw_foreach": lambda: lambda params: torch.optim.AdamW(params, foreach=True),
+    "reference_torch_compile": lambda: CompiledReference,
 }
+# The headline comparison (bench/run_gpu.sh stage c): ours against what a user
+# has (torch-adopt's default foreach path) and the same-bytes ceiling (AdamW).
+HEADLINE = ("adopt_triton_fused", "adopt_triton_fused_bf16_state", "torch_adopt_foreach",
+            "torch_adamw_fused", "torch_adamw_foreach")
+# Minutes of compilation per parameter set on a GPU (HeavyBall's max-autotune,
+# inductor for the compiled reference).
+SLOW_TO_COMPILE = ("heavyball_adopt", "reference_torch_compile")
 
 
 def load(name: str) -> Tuple[Optional[Callable], Optional[str]]:

@@ -23,7 +23,32 @@ CASES = [c for c in SETS if c in os.environ.get("ADOPT_BENCH_SETS", ",".join(SET
 IMPLS = [i for i in peers.IMPLEMENTATIONS
          if i in os.environ.get("ADOPT_BENCH_IMPLS", ",".join(peers.IMPLEMENTATIONS)).split(",")]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# ADOPT_BENCH_SELECT: "all", "headline" (peers.HEADLINE on common.headline_sets()),
+# or "rest" (every other case/implementation pair).
+SELECT = os.environ.get("ADOPT_BENCH_SELECT", "all")
+if SELECT not in ("all", "headline", "rest"):
+    raise ValueError(f"ADOPT_BENCH_SELECT={SELECT!r}: use all, headline or rest")
 
+
+def selected(case, impl):
+    headline = case in common.headline_sets() and impl in peers.HEADLINE
+    return SELECT == "all" or headline == (SELECT == "headline")
+
+
+# Headline cases first, each case with every implementation, so that a run cut
+# short has complete comparisons; the implementations that compile for minutes
+# (peers.SLOW_TO_COMPILE) come last, one after the other.
+ORDER = {case: i for i, case in reversed(list(enumerate(common.headline_sets() + CASES)))}
+
+
+def _order(item):
+    case, impl, dtype = item
+    slow = impl in peers.SLOW_TO_COMPILE
+    return slow, IMPLS.index(impl) if slow else 0, ORDER[case], IMPLS.index(impl), list(DTYPES).index(dtype)
+
+
+CASES_IMPLS_DTYPES = sorted(((case, impl, dtype) for impl in IMPLS for case in CASES for dtype in DTYPES
+                             if selected(case, impl)), key=_order)
 
 def state_dtype(optimizer, param):
     """The dtype of the first param-shaped tensor in the optimizer's state
@@ -47,13 +72,11 @@ def _free_memory():
         torch.cuda.empty_cache()
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case,impl,dtype", CASES_IMPLS_DTYPES, ids=["-".join(c) for c in CASES_IMPLS_DTYPES])
 def test_step_time(benchmark, results, case, impl, dtype):
     factory, reason = peers.load(impl)
     if factory is None:
-        results.absent[impl] = reason
+        results.add_absent(impl, reason)
         pytest.skip(f"{impl} is absent: {reason}")
     gen = torch.Generator(device=common.DEVICE).manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(shape, device=common.DEVICE, generator=gen).to(DTYPES[dtype]))
@@ -84,6 +107,7 @@ def test_step_time(benchmark, results, case, impl, dtype):
     bytes_per_element = common.update_bytes_per_element(DTYPES[dtype], state_dtype(optimizer, params[0]))
     n_bytes = numel * bytes_per_element
     gbps = n_bytes / ms / 1e6
-    results.rows.append(dict(case=case, impl=impl, dtype=dtype, numel=numel, n_tensors=len(params),
-                             bytes_per_element=bytes_per_element, ms=ms, gbps=gbps, pct_of_copy_bw=100 * gbps / common.copy_bandwidth_gbps(n_bytes),
-                             peak_extra_mb=peak_extra_mb))
+    results.add(dict(case=case, impl=impl, dtype=dtype, numel=numel, n_tensors=len(params),
+                     bytes_per_element=bytes_per_element, ms=ms, gbps=gbps,
+                     pct_of_copy_bw=100 * gbps / common.copy_bandwidth_gbps(n_bytes),
+                     peak_extra_mb=peak_extra_mb))

@@ -72,6 +72,7 @@ OPTIONS = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:state_dtype=torch.bfloat16:UserWarning")  # v's bf16 rounding, by design
 @pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, None), (torch.bfloat16, None),
                                                (torch.bfloat16, torch.bfloat16)], ids=["fp32", "bf16", "bf16_state"])
 @pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
@@ -207,31 +208,31 @@ def test_cuda_graph_replay_matches_the_reference_on_cpu(cuda):
 
 
 def plugin_env(**extra):
-    """This environment with tests/ on the path, so that `-p kernel_device_plugin`
+    """This environment with tests/ on the path, so that `-p kernel_marker_plugin`
     finds the plugin; `python3 -P` keeps the repository root off sys.path."""
     path = os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
     return dict(os.environ, PYTHONPATH=path, **extra)
 
 
 def collect(*args):
-    """Node ids that pytest selects with the kernel_device plugin (collection only)."""
+    """Node ids that pytest selects with the kernel marker plugin (collection only)."""
     result = subprocess.run(
         [sys.executable, "-P", "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-         "-p", "kernel_device_plugin", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+         "-p", "kernel_marker_plugin", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
         env=plugin_env())
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return {line.split("[")[0] for line in result.stdout.splitlines() if "::" in line}
 
 
-def test_kernel_device_marker_selects_exactly_the_fixture_users():
-    selected = collect("-m", "kernel_device or cuda", "tests/test_kernel.py", "tests/test_capturable.py",
+def test_kernel_marker_selects_exactly_the_fixture_users():
+    selected = collect("-m", "kernel or cuda", "tests/test_kernel.py", "tests/test_capturable.py",
                        "tests/test_cuda.py")
     assert "tests/test_kernel.py::test_kernel_matches_reference_bitwise" in selected
     assert "tests/test_capturable.py::test_cuda_graph_capture_and_replay_with_a_changing_lr" in selected
     assert "tests/test_cuda.py::test_a_tensor_of_more_than_2_31_elements" in selected
     # No kernel_device fixture, no cuda marker: CPU-only tests stay out.
     assert "tests/test_capturable.py::test_default_clip_on_the_device_equals_the_host_value" not in selected
-    assert "tests/test_cuda.py::test_kernel_device_marker_selects_exactly_the_fixture_users" not in selected
+    assert "tests/test_cuda.py::test_kernel_marker_selects_exactly_the_fixture_users" not in selected
     everything = collect("tests/test_kernel.py", "tests/test_capturable.py", "tests/test_cuda.py")
     assert selected < everything
 
@@ -245,7 +246,7 @@ def test_compiled_kernels_on_cuda():
     if not INTERPRETED:
         pytest.skip("this session already runs the compiled kernels on CUDA")
     result = subprocess.run(
-        [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "kernel_device_plugin",
-         "-m", "kernel_device or cuda", "tests"], cwd=ROOT, capture_output=True, text=True, timeout=1800,
+        [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "kernel_marker_plugin",
+         "-m", "kernel or cuda", "tests"], cwd=ROOT, capture_output=True, text=True, timeout=1800,
         env=plugin_env(TRITON_INTERPRET="0"))
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
