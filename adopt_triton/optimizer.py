@@ -19,7 +19,7 @@ _EXECUTION_FLAGS = ("foreach", "fused", "capturable", "differentiable")
 
 
 def _check_hyperparameters(group: dict) -> None:
-    """The constructor's validation (SPEC.md), applied to every param group."""
+    """The constructor's validation (torch-adopt's rules and messages), applied to every param group."""
     lr = group["lr"]
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
