@@ -11,6 +11,7 @@ otherwise once per distinct step count on the host, which reads the counts
 two is decided once per device, by evaluating both on a probe of counts.
 It is never called for a first step (n = 0), which clips nothing.
 """
+import warnings
 from typing import Callable, Dict
 
 import torch
@@ -31,13 +32,16 @@ class ClipEvaluator:
         """Whether the callable computes element-wise on a float64 tensor of
         step counts on ``device``, giving what it gives for each count as a
         Python float (within a float32 unit: float64 tensor math is not
-        always correctly rounded). The user's own exceptions on floats
-        propagate: torch-adopt would raise them too."""
+        always correctly rounded). Whatever fails on the probe means: on
+        numbers (where the user's own exceptions then propagate, for the
+        counts torch-adopt would call it with)."""
         known = self._takes_tensors.get(device.type)
         if known is None:
-            expected = [self._number(n) for n in _PROBE]
             try:
-                values = self._on_tensor(torch.tensor(_PROBE, dtype=torch.float64, device=device))
+                expected = [self._number(n) for n in _PROBE]
+                with warnings.catch_warnings():  # a callable for numbers may warn about tensors
+                    warnings.simplefilter("ignore")
+                    values = self._on_tensor(torch.tensor(_PROBE, dtype=torch.float64, device=device))
                 known = torch.allclose(values.cpu().double(), torch.tensor(expected, dtype=torch.float32).double(),
                                        rtol=2**-23, atol=0, equal_nan=True)
             except Exception:  # any failure on a tensor means: evaluate on numbers

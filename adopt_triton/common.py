@@ -1,6 +1,6 @@
 """What every path shares: the small named types passed between the optimizer
 and the implementations, and helpers used by both the eager and fused paths."""
-from typing import Callable, List, NamedTuple, Optional, Sequence, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 from operator import attrgetter
 
 import torch
@@ -93,3 +93,16 @@ def fingerprint(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor
             list(map(_dtype, params)), list(map(_address, exp_avgs)),
             list(map(_address, exp_avg_sqs)), list(map(_address, steps)),
             list(map(_numel, grads)), list(map(_stride, grads)), list(map(_address, grads)))
+
+
+def dense_strides(t: Tensor) -> Optional[Tuple[int, ...]]:
+    """The strides of ``t``'s non-singleton dims if ``t`` covers its memory
+    span exactly once (non-overlapping and dense, any dim order), else None.
+    Two tensors of one shape with equal results have the same memory layout."""
+    strides = tuple(st for size, st in zip(t.shape, t.stride()) if size != 1)
+    expected = 1
+    for stride, size in sorted((st, size) for size, st in zip(t.shape, t.stride()) if size != 1):
+        if stride != expected:
+            return None
+        expected *= size
+    return strides

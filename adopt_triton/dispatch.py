@@ -1,12 +1,12 @@
 """Which implementation updates which tensor, and the checks before any update."""
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from adopt_triton import reference
-from adopt_triton.common import Tensors
+from adopt_triton.common import Tensors, as_real, dense_strides, local_shard
 from adopt_triton.foreach import foreach_adopt
 from adopt_triton.kernels import adopt as kernel
 
@@ -69,15 +69,61 @@ def eager_implementation(foreach: Optional[bool]):
     return reference.adopt if foreach is False else foreach_adopt
 
 
-def _check_operands(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
+def state_dtypes(param_dtype: torch.dtype) -> Tuple[torch.dtype, ...]:
+    """The exp_avg/exp_avg_sq dtypes an update of a ``param_dtype`` param
+    takes: the param's own, or float32/bf16 for bf16/fp16 params and bf16 for
+    float32 params (``state_dtype``)."""
+    if param_dtype in (torch.bfloat16, torch.float16):
+        return (param_dtype, torch.float32, torch.bfloat16)
+    if param_dtype == torch.float32:
+        return (torch.float32, torch.bfloat16)
+    return (param_dtype,)
+
+
+def _check_operands(index: int, param: Tensor, grad: Tensor, exp_avg: Tensor,
+                    exp_avg_sq: Tensor) -> None:
     """Same shape and device for all four; the gradient has the param's dtype,
-    the two states share one (the param's, or another ``state_dtype``)."""
-    for name, t, dtype in (("grad", grad, param.dtype), ("exp_avg", exp_avg, exp_avg.dtype),
-                           ("exp_avg_sq", exp_avg_sq, exp_avg.dtype)):
-        if t.shape != param.shape or t.dtype != dtype or t.device != param.device:
+    the two states one the param's dtype allows; nothing written twice."""
+    for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        allowed = (param.dtype,) if name == "grad" else state_dtypes(param.dtype)
+        if t.shape != param.shape or t.dtype not in allowed or t.device != param.device or \
+                (name == "exp_avg_sq" and t.dtype != exp_avg.dtype):
             raise RuntimeError(
-                f"ADOPT: {name} ({tuple(t.shape)}, {t.dtype}, {t.device}) does not match its "
-                f"parameter ({tuple(param.shape)}, {param.dtype}, {param.device})")
+                f"ADOPT: the {name} of parameter {index} ({tuple(t.shape)}, {t.dtype}, {t.device}) "
+                f"does not match it ({tuple(param.shape)}, {param.dtype}, {param.device}); a state "
+                "made for another dtype or shape must be converted or dropped (opt.state.pop(p))")
+    for name, t in (("parameter", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if torch._debug_has_internal_overlap(local_shard(t)) == 1:
+            raise RuntimeError(
+                f"ADOPT: the {name} of parameter {index} (shape {tuple(t.shape)}, strides "
+                f"{t.stride()}) has elements that share memory (an expanded or self-overlapping "
+                "view); every element is written, so each must have its own memory")
+
+
+def _check_disjoint(params: List[Tensor]) -> None:
+    """No two dense params share memory (two programs would write it at once)."""
+    spans = []
+    for index, param in enumerate(params):
+        local = as_real(local_shard(param))
+        if local.numel() and dense_strides(local) is not None:
+            start = local.data_ptr()
+            spans.append((start, start + local.numel() * local.element_size(), index))
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise RuntimeError(f"ADOPT: parameters {min(first, second)} and {max(first, second)} of a "
+                               "param group share memory; each element may be updated once per step")
+
+
+def _check_steps(tensors: Tensors, fused: Optional[bool]) -> None:
+    """A fused tensor's step count is read by the kernel: a float32 scalar on
+    the parameter's device (the optimizer keeps them so)."""
+    for index, (param, step) in enumerate(zip(tensors.params, tensors.steps)):
+        if use_fused(fused, param) and (step.dtype != torch.float32 or step.numel() != 1
+                                        or step.device != param.device):
+            raise RuntimeError(f"ADOPT: the step count of parameter {index} must be a float32 "
+                               f"scalar on {param.device} for the fused kernel, got "
+                               f"{step.dtype} of shape {tuple(step.shape)} on {step.device}")
 
 
 def _check_sharding(tensors: Tensors) -> None:
@@ -107,8 +153,10 @@ def _check_sharding(tensors: Tensors) -> None:
 def check(tensors: Tensors, fused: Optional[bool]) -> None:
     """Raise before any update if a tensor cannot be updated as asked."""
     _check_sharding(tensors)
-    for param, grad, exp_avg, exp_avg_sq in zip(*tensors[:4]):
-        _check_operands(param, grad, exp_avg, exp_avg_sq)
+    _check_disjoint(tensors.params)
+    _check_steps(tensors, fused)
+    for index, (param, grad, exp_avg, exp_avg_sq) in enumerate(zip(*tensors[:4])):
+        _check_operands(index, param, grad, exp_avg, exp_avg_sq)
         if use_fused(fused, param):
             check_fused_supported(param)
             if exp_avg.dtype != param.dtype and exp_avg.dtype not in kernel.STATE_DTYPES:

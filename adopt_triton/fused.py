@@ -17,21 +17,8 @@ from torch import Tensor
 
 from adopt_triton.clip import ClipEvaluator
 from adopt_triton.common import (Hyper, Scaling, Tensors, as_real, default_clip_lambda,
-                                 fingerprint, local_shard)
+                                 dense_strides, fingerprint, local_shard)
 from adopt_triton.kernels import adopt as kernel
-
-
-def _dense_strides(t: Tensor) -> Optional[Tuple[int, ...]]:
-    """The strides of ``t``'s non-singleton dims if ``t`` covers its memory
-    span exactly once (non-overlapping and dense, any dim order), else None.
-    Two tensors of one shape with equal results have the same memory layout."""
-    strides = tuple(st for size, st in zip(t.shape, t.stride()) if size != 1)
-    expected = 1
-    for stride, size in sorted((st, size) for size, st in zip(t.shape, t.stride()) if size != 1):
-        if stride != expected:
-            return None
-        expected *= size
-    return strides
 
 
 class _Staged(NamedTuple):
@@ -74,7 +61,7 @@ def _in_flat(steps: List[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
 def _layout(param: Tensor) -> Tensor:
     """A tensor with the layout the kernel will see for ``param``: itself if
     it is dense, else a contiguous one."""
-    return param if _dense_strides(param) is not None else torch.empty_like(
+    return param if dense_strides(param) is not None else torch.empty_like(
         param, memory_format=torch.contiguous_format)
 
 
@@ -104,10 +91,10 @@ class FusedStep:
         for row_index, position in enumerate(positions):
             operands = [_real_local(column[position]) for column in tensors[:4]]
             layout = _layout(operands[0])
-            strides = _dense_strides(layout)
+            strides = dense_strides(layout)
             row = []
             for column, operand in enumerate(operands):
-                if _dense_strides(operand) == strides:
+                if dense_strides(operand) == strides:
                     row.append(operand.data_ptr())
                     if column == 1:
                         grad_rows.append(row_index)

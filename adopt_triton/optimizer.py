@@ -1,4 +1,6 @@
 """``adopt_triton.ADOPT``: torch-adopt's optimizer class, run by a fused Triton kernel."""
+import math
+import pickle
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
@@ -9,7 +11,7 @@ from torch.optim import Optimizer
 from adopt_triton import dispatch, fused as fused_path
 from adopt_triton.clip import ClipEvaluator
 from adopt_triton.common import Hyper, Scaling, Tensors, default_clip_lambda
-from adopt_triton.kernels.adopt import SEED_LIMIT
+from adopt_triton.kernels import adopt as kernel
 from adopt_triton.program import GroupProgram, OptimizerState, custom_clip, grads_of, has_grad
 
 _FLAG_DEFAULTS = dict(maximize=False, foreach=None, capturable=False, differentiable=False,
@@ -35,6 +37,10 @@ def _check_hyperparameters(group: dict) -> None:
             raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
     if not 0.0 <= group["weight_decay"]:
         raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+    for name in ("lr", "eps", "weight_decay"):
+        value = group[name]
+        if not isinstance(value, Tensor) and kernel.f32(float(value)) == float("inf"):
+            raise ValueError(f"Invalid {name}: {value} (beyond float32, in which the update is computed)")
     if group["fused"]:
         if group["differentiable"]:
             raise RuntimeError("`fused` does not support `differentiable`")
@@ -51,6 +57,62 @@ def _check_hyperparameters(group: dict) -> None:
             if reason is not None:
                 raise RuntimeError(f"ADOPT(capturable=True) needs the fused kernel for every "
                                    f"parameter: {reason}")
+
+
+def _step_count(value, what: str) -> Tensor:
+    """A step count as the optimizer keeps it (a float32 scalar), from any
+    dtype or one-element shape torch-adopt accepts; a count that is not a
+    whole number >= 0 is refused (a step of -1 would turn every param NaN)."""
+    step = torch.as_tensor(value).detach()
+    if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool:
+        raise ValueError(f"ADOPT: {what} must be one number, got {value!r}")
+    number = float(step)
+    if not (math.isfinite(number) and number >= 0 and number == int(number) and number < 2**24):
+        raise ValueError(f"ADOPT: {what} is {number}; a step count is a whole number in "
+                         "[0, 2**24) (float32 counts exactly up to there)")
+    return step.reshape(()).to(torch.float32)
+
+
+class _PickledClip:
+    """An optimizer's clip_lambda in its pickles: itself where it pickles,
+    else (a lambda, a local function) a stand-in that refuses to be used,
+    so that an unpickled optimizer never steps with another clip silently.
+    Deep copies keep the callable itself."""
+
+    def __init__(self, clip_lambda):
+        self.clip_lambda = clip_lambda
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        try:
+            pickle.dumps(self.clip_lambda)
+        except Exception:
+            return _PickledClip, (_UnpickledClip(repr(self.clip_lambda)),)
+        return _PickledClip, (self.clip_lambda,)
+
+
+class _UnpickledClip:
+    def __init__(self, description: str):
+        self.description = description
+
+    def __call__(self, step):
+        raise RuntimeError(f"ADOPT was unpickled without its clip_lambda ({self.description}), which "
+                           "could not be pickled: set optimizer.clip_lambda before stepping")
+
+
+def _refuse_duplicates(groups: List[dict], params: List[Tensor]) -> None:
+    """Each parameter once: a repeated one would be updated twice per step
+    (in one launch, by two programs writing the same memory at once)."""
+    seen = {id(p): (f"param_groups[{g}]['params'][{i}]") for g, group in enumerate(groups)
+            for i, p in enumerate(group["params"])}
+    for index, param in enumerate(params):
+        where = f"param_groups[{len(groups)}]['params'][{index}]"
+        if id(param) in seen:
+            raise ValueError(f"ADOPT: {where} (shape {tuple(param.shape)}) is the same tensor as "
+                             f"{seen[id(param)]}; each parameter may appear only once")
+        seen[id(param)] = where
 
 
 class ADOPT(Optimizer):
@@ -108,7 +170,7 @@ class ADOPT(Optimizer):
         if bf16_stochastic_round and stochastic_round_seed is None:  # reproducible under torch.manual_seed
             stochastic_round_seed = int(torch.randint(2**31 - 1, ()))
         self.stochastic_round_seed = stochastic_round_seed if bf16_stochastic_round else None
-        if self.stochastic_round_seed is not None and not 0 <= self.stochastic_round_seed < SEED_LIMIT:
+        if self.stochastic_round_seed is not None and not 0 <= self.stochastic_round_seed < kernel.SEED_LIMIT:
             raise ValueError(f"Invalid stochastic_round_seed: {stochastic_round_seed} (an integer in "
                              f"[0, 2**31))")
         if state_dtype == torch.bfloat16 and not bf16_stochastic_round and 1 - betas[1] < 2**-9:
@@ -131,17 +193,31 @@ class ADOPT(Optimizer):
         self._reset_caches()
         super().__init__(params, defaults)
         self.state = OptimizerState(self.state)
-        self.register_state_dict_post_hook(ADOPT._portable_state_dict)
-        self.register_load_state_dict_pre_hook(ADOPT._keep_execution_flags)
-        self.register_load_state_dict_post_hook(ADOPT._convert_loaded_state)
+        self._register_hooks()
 
-    # Pickling and deep copies carry the options, not the cached programs.
+    def _register_hooks(self) -> None:
+        if ADOPT._portable_state_dict not in self._optimizer_state_dict_post_hooks.values():
+            self.register_state_dict_post_hook(ADOPT._portable_state_dict)
+            self.register_load_state_dict_pre_hook(ADOPT._keep_execution_flags)
+            self.register_load_state_dict_post_hook(ADOPT._convert_loaded_state)
+
+    # Pickles and deep copies carry the options (and the clip_lambda where it
+    # pickles), not the cached programs, which hold raw addresses.
+    def __getstate__(self) -> dict:
+        return dict(super().__getstate__(), state_dtype=self.state_dtype,
+                    bf16_stochastic_round=self.bf16_stochastic_round,
+                    stochastic_round_seed=self.stochastic_round_seed,
+                    clip_lambda=_PickledClip(self.clip_lambda))
+
     def __setstate__(self, state: dict) -> None:
+        clip = state.pop("clip_lambda", _PickledClip(default_clip_lambda))
         super().__setstate__(state)
+        self.clip_lambda = clip.clip_lambda if isinstance(clip, _PickledClip) else clip
         self.state = OptimizerState(self.state)
         for name in ("state_dtype", "stochastic_round_seed"):
             self.__dict__.setdefault(name, None)
         self.__dict__.setdefault("bf16_stochastic_round", False)
+        self._register_hooks()
         for group in self.param_groups:
             for key, value in _FLAG_DEFAULTS.items():
                 group.setdefault(key, value)
@@ -149,6 +225,12 @@ class ADOPT(Optimizer):
         ADOPT._place_steps(self)
 
     def add_param_group(self, param_group: dict) -> None:
+        params = param_group["params"]
+        if isinstance(params, Tensor):
+            param_group["params"] = [params]
+        elif not isinstance(params, set):  # torch.optim raises its own error for a set
+            param_group["params"] = list(params)
+            _refuse_duplicates(self.param_groups, param_group["params"])
         super().add_param_group(param_group)
         try:
             group = self.param_groups[-1]
@@ -192,6 +274,9 @@ class ADOPT(Optimizer):
         loading a checkpoint (``Optimizer.load_state_dict`` would take the
         checkpoint's): they say how to run on this machine, not what was
         trained. Hyper-parameters and state come from the checkpoint."""
+        for index, saved in state_dict["state"].items():
+            if "step" in saved:  # refused before anything is loaded
+                _step_count(saved["step"], f"the checkpoint's step of state {index}")
         groups = [dict(saved, **{key: group[key] for key in _EXECUTION_FLAGS})
                   for saved, group in zip(state_dict["param_groups"], optimizer.param_groups)]
         # Keep the checkpoint's own state tensors for _convert_loaded_state:
@@ -228,8 +313,8 @@ class ADOPT(Optimizer):
             for param in group["params"]:
                 state = optimizer.state.get(param, {})
                 if "step" in state:
-                    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).detach() \
-                        .reshape(()).to(dispatch.step_device(ADOPT._fused(group), param))
+                    state["step"] = _step_count(state["step"], "a step count").to(
+                        dispatch.step_device(ADOPT._fused(group), param))
 
     @staticmethod
     def _fused(group: dict) -> Optional[bool]:
@@ -261,7 +346,7 @@ class ADOPT(Optimizer):
                         s._base is base and s.storage_offset() - base.storage_offset() == i
                         for i, s in enumerate(steps)):
                 continue
-            flat = torch.stack([s.detach().reshape(()).to(device, torch.float32) for s in steps])
+            flat = torch.stack([_step_count(s, "a step count").to(device) for s in steps])
             for state, view in zip(states, flat.unbind(0)):
                 state["step"] = view
 

@@ -210,7 +210,7 @@ def scalars_for(hyper: Hyper, lr: Optional[float]) -> kernel.StepScalars:
     with inf would turn every param NaN or inf)."""
     for name, value in (("lr", lr), ("weight_decay", hyper.weight_decay), ("eps", hyper.eps),
                         ("lr * weight_decay", None if lr is None else lr * hyper.weight_decay)):
-        if value is not None and kernel._f32(value) in (float("inf"), float("-inf")):
+        if value is not None and kernel.f32(value) in (float("inf"), float("-inf")):
             raise ValueError(f"ADOPT: {name}={value} is beyond the float32 range the update is "
                              "computed in")
     return kernel.StepScalars.make(lr=0.0 if lr is None else lr, beta1=hyper.beta1,

@@ -3,9 +3,10 @@ checkpoints through disk."""
 import io
 from typing import Callable, List, Optional, Sequence
 
+import adopt
 import torch
 
-from adopt_triton import Hyper, Tensors, reference
+from adopt_triton import ADOPT, Hyper, Tensors, reference
 from adopt_triton.common import default_clip_lambda
 
 SIZES = [(1,), (17,), (4099,), (5, 7, 9)]
@@ -58,6 +59,47 @@ class ReferenceRun:
     def state_of(self, index: int) -> dict:
         t = self.tensors
         return dict(step=t.steps[index], exp_avg=t.exp_avgs[index], exp_avg_sq=t.exp_avg_sqs[index])
+
+
+STEPS = 12
+TORCH_ADOPT_SHAPES = [(1,), (17,), (33, 65), (4, 3, 5, 7)]
+
+
+def against_torch_adopt(device, options=None, *, groups=None, dtype=torch.float32, shapes=TORCH_ADOPT_SHAPES,
+                            has_grad=lambda step, index: True, lr_factory=None, scheduler=None,
+                            steps=STEPS, grad_spread=3.0, flags=None):
+    """Train the same params with ours (``flags``: fused=True by default) and
+    torch-adopt 0.1.0's single-tensor path on the same gradients, checking
+    params and every state tensor after every step (float32 tolerance).
+
+    groups(params) -> param groups; lr_factory() -> a fresh lr (for tensor lrs);
+    scheduler(optimizer) -> an lr scheduler stepped after every step.
+    """
+    options = dict(options or {})
+    flags = dict(fused=True) if flags is None else flags
+    ours_params, theirs_params = make_params(shapes, device, dtype), make_params(shapes, "cpu", dtype)
+    groups = groups or (lambda params: params)
+    if lr_factory is not None:
+        ours = ADOPT(groups(ours_params), lr=lr_factory(), **flags, **options)
+        theirs = adopt.ADOPT(groups(theirs_params), lr=lr_factory(), foreach=False, **options)
+    else:
+        ours = ADOPT(groups(ours_params), **flags, **options)
+        theirs = adopt.ADOPT(groups(theirs_params), foreach=False, **options)
+    schedulers = [scheduler(ours), scheduler(theirs)] if scheduler else []
+    for step in range(steps):
+        for index, (a, b) in enumerate(zip(ours_params, theirs_params)):
+            if has_grad(step, index):
+                grad = wide_grad(a.shape, dtype=dtype, spread=grad_spread)
+                a.grad, b.grad = grad.to(device), grad.clone()
+            else:
+                a.grad = b.grad = None
+        ours.step()
+        theirs.step()
+        for s in schedulers:
+            s.step()
+        assert_same_run(ours_params, [ours.state.get(p, {}) for p in ours_params], theirs_params,
+                        [theirs.state.get(p, {}) for p in theirs_params], f"step {step}", exact=False)
+    return ours, theirs
 
 
 def ulp_diff(a: torch.Tensor, b: torch.Tensor) -> int:

@@ -1,51 +1,10 @@
 """adopt_triton.ADOPT(fused=True) against the authors' release (torch-adopt
 0.1.0, single-tensor path): same inputs, params and every state tensor after
 every step, within torch.testing.assert_close's float32 defaults."""
-import adopt
 import pytest
 import torch
 
-from adopt_triton import ADOPT
-from harness import assert_same_run, make_params, wide_grad
-
-STEPS = 12
-SHAPES = [(1,), (17,), (33, 65), (4, 3, 5, 7)]
-
-
-def run_against_torch_adopt(device, options=None, *, groups=None, dtype=torch.float32,
-                            has_grad=lambda step, index: True, lr_factory=None, scheduler=None,
-                            steps=STEPS, grad_spread=3.0, flags=None):
-    """Train the same params with both optimizers on the same gradients, checking every step.
-
-    groups(params) -> param groups; lr_factory() -> a fresh lr (for tensor lrs);
-    scheduler(optimizer) -> an lr scheduler stepped after every step.
-    """
-    options = dict(options or {})
-    flags = dict(fused=True) if flags is None else flags
-    ours_params, theirs_params = make_params(SHAPES, device, dtype), make_params(SHAPES, "cpu", dtype)
-    groups = groups or (lambda params: params)
-    if lr_factory is not None:
-        ours = ADOPT(groups(ours_params), lr=lr_factory(), **flags, **options)
-        theirs = adopt.ADOPT(groups(theirs_params), lr=lr_factory(), foreach=False, **options)
-    else:
-        ours = ADOPT(groups(ours_params), **flags, **options)
-        theirs = adopt.ADOPT(groups(theirs_params), foreach=False, **options)
-    schedulers = [scheduler(ours), scheduler(theirs)] if scheduler else []
-    for step in range(steps):
-        for index, (a, b) in enumerate(zip(ours_params, theirs_params)):
-            if has_grad(step, index):
-                grad = wide_grad(a.shape, dtype=dtype, spread=grad_spread)
-                a.grad, b.grad = grad.to(device), grad.clone()
-            else:
-                a.grad = b.grad = None
-        ours.step()
-        theirs.step()
-        for s in schedulers:
-            s.step()
-        assert_same_run(ours_params, [ours.state.get(p, {}) for p in ours_params], theirs_params,
-                        [theirs.state.get(p, {}) for p in theirs_params], f"step {step}", exact=False)
-    return ours, theirs
-
+from harness import STEPS, against_torch_adopt as run_against_torch_adopt
 
 CASES = {
     "defaults": {},
