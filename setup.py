@@ -15,7 +15,7 @@ setup(
     install_requires=["torch>=2.5", "triton"],
     extras_require={
         # pandas and matplotlib: the CPU smoke run of bench/ (triton's perf_report, plots).
-        "test": ["pytest", "pytest-benchmark", "numpy", "torch-adopt==0.1.0", "pandas", "matplotlib",
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "numpy", "torch-adopt==0.1.0", "pandas", "matplotlib",
                  "deepspeed==0.19.8", "scikit-learn"],
         "examples": ["scikit-learn", "tqdm", "matplotlib", "numpy", "pillow", "torch-adopt==0.1.0"],
         # Peers compared in bench/. timm needs torchvision, hence a torch build that has one.
