@@ -210,7 +210,7 @@ def settings() -> Settings:
     return Settings(1 << 12, 1) if INTERPRETED else Settings(2048, 8)
 
 
-def _f32(x: float) -> float:
+def f32(x: float) -> float:
     """Round a Python float (float64) to the nearest float32, kept as a Python float."""
     try:
         return struct.unpack("f", struct.pack("f", x))[0]
@@ -238,12 +238,12 @@ class StepScalars(NamedTuple):
     @classmethod
     def make(cls, *, lr: float, beta1: float, beta2: float, eps: float,
              weight_decay: float) -> "StepScalars":
-        weight = _f32(1.0 - beta1)  # torch.lerp's scalar weight
+        weight = f32(1.0 - beta1)  # torch.lerp's scalar weight
         from_end = not abs(weight) < 0.5
-        return cls(neg_lr=_f32(-lr), weight_decay=_f32(weight_decay),
-                   neg_lr_weight_decay=_f32(-lr * weight_decay),
+        return cls(neg_lr=f32(-lr), weight_decay=f32(weight_decay),
+                   neg_lr_weight_decay=f32(-lr * weight_decay),
                    lerp_coeff=weight - 1.0 if from_end else weight,  # exact in float32
-                   beta2=_f32(beta2), one_minus_beta2=_f32(1.0 - beta2), eps=_f32(eps),
+                   beta2=f32(beta2), one_minus_beta2=f32(1.0 - beta2), eps=f32(eps),
                    lerp_from_end=from_end)
 
 
