@@ -20,6 +20,7 @@ table between the README's host-overhead markers.
 """
 import argparse
 import json
+import os
 import re
 import statistics
 import time
@@ -127,7 +128,8 @@ def markdown(result):
         "kernels really run"
     lines = [f"Device: **{result['device']}**, {result['date']}; torch {result['torch']}, "
              f"triton {result['triton']}; {launch}; AdamW is `torch.optim.AdamW(fused=True)`'s whole "
-             f"step on the same tensors (1-8 elements each), same run. Command: `{result['command']}`.",
+             f"step on the same tensors (1-8 elements each), same run; {result['threads']} threads, "
+             f"load average {result['load_average']:.1f}. Command: `{result['command']}`.",
              "", "| tensors | gradients | ours, host µs | AdamW fused, µs | ours / AdamW | ours, µs per extra tensor |"
              + (" ours device µs | AdamW device µs |" if not result["stubbed_launch"] else ""),
              "|---:|---|---:|---:|---:|---:|" + ("---:|---:|" if not result["stubbed_launch"] else "")]
@@ -157,6 +159,7 @@ def main():
         f"--{k} {v}" for k, v in (("counts", args.counts), ("repeats", args.repeats))))
     data = json.loads(path.read_text())
     data["host_overhead"] = dict(rows=rows, stubbed_launch=common.DEVICE == "cpu",
+                                 load_average=os.getloadavg()[0], threads=torch.get_num_threads(),
                                  launch_us=launch_only_us(args.repeats) if common.DEVICE == "cuda" else None)
     path.write_text(json.dumps(data, indent=1) + "\n")
     table = markdown(dict(data["host_overhead"], device=data["device"], date=data["date"],
