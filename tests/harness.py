@@ -135,10 +135,12 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
 
 
-def assert_same_run(params, states, expected_params, expected_states, what="", exact=True):
+def assert_same_run(params, states, expected_params, expected_states, what="", exact=True,
+                    **tolerance):
     """Params and every state tensor equal: bit for bit (``exact``) or
-    within torch.testing's float32 tolerance. ``states``: one dict per param
-    (an optimizer's ``state[p]``, or ``ReferenceRun.state_of``)."""
+    within torch.testing's tolerance for the dtype (or ``rtol``/``atol``).
+    ``states``: one dict per param (an optimizer's ``state[p]``, or
+    ``ReferenceRun.state_of``)."""
     for index, (a, b, sa, sb) in enumerate(zip(params, expected_params, states, expected_states)):
         label = f"{what} param {index}"
         assert sa.keys() == sb.keys() or set(sb) == set(STATE_KEYS) <= set(sa), \
@@ -150,7 +152,7 @@ def assert_same_run(params, states, expected_params, expected_states, what="", e
             else:
                 assert x.dtype == y.dtype and x.shape == y.shape, f"{label} {name}"
                 torch.testing.assert_close(x.detach().cpu(), y.detach().cpu(), equal_nan=True,
-                                           msg=lambda m: f"{label} {name}: {m}")
+                                           msg=lambda m: f"{label} {name}: {m}", **tolerance)
 
 
 def assert_matches_reference(optimizer, params, ref: ReferenceRun, what="", exact=True):

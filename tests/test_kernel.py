@@ -115,3 +115,46 @@ def test_large_and_odd_sizes_cover_several_programs(kernel_device):
     for i in range(3):
         step_both(state, ref, wide_grad(shape, kernel_device), hyper())
         assert_states_equal(state, ref, f"step {i}")
+
+
+def test_direct_launch_passes_every_argument_where_the_jit_would(monkeypatch):
+    """On CUDA, launches after the first call the compiled kernel directly
+    with every argument positionally; here a stand-in records both calls:
+    each of the kernel's parameters gets the same value both ways."""
+    from adopt_triton.kernels import adopt as kernel
+    calls = []
+
+    class Compiled:
+        def __getitem__(self, grid):
+            return lambda *args: calls.append(("direct", grid, args, {}))
+
+    class Jit:
+        arg_names = kernel._adopt_kernel.arg_names
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(("jit", grid, args, kwargs)) or Compiled()
+    monkeypatch.setattr(kernel, "_adopt_kernel", Jit())
+    monkeypatch.setattr(kernel, "DIRECT_LAUNCH", True)
+    monkeypatch.setattr(kernel, "_COMPILED", {})
+    state = make_state((5000,), "cpu")
+    state = state._replace(grads=[torch.randn(5000)])
+    for _ in range(2):
+        adopt(state, hyper(weight_decay=0.1), fused=True)
+    (_, jit_grid, jit_args, jit_kwargs), (_, grid, args, _) = calls
+    names = kernel._adopt_kernel.arg_names
+    by_jit = dict(zip(names, jit_args), **{k: v for k, v in jit_kwargs.items() if k in names})
+    by_direct = dict(zip(names, args))
+    assert len(args) == len(names) and by_jit.keys() == by_direct.keys()
+    for name in names:
+        a, b = by_jit[name], by_direct[name]
+        assert (a is b) or (torch.is_tensor(a) and torch.equal(a, b)) or a == b, name
+    assert grid[0] == jit_grid[0] and jit_kwargs["num_warps"] == kernel.settings().num_warps
+    f32 = kernel.f32  # every runtime argument where the kernel expects it, by name
+    expected = dict(neg_lr=f32(-1e-2), weight_decay=f32(0.1), neg_lr_weight_decay=f32(-1e-3),
+                    lerp_coeff=f32(0.1), beta2=f32(0.9999), one_minus_beta2=f32(1 - 0.9999),
+                    eps=f32(1e-6), seed=0, lr_ptr=None, clip_ptr=None, grad_scale_ptr=None,
+                    found_inf_ptr=None, WEIGHT_DECAY=kernel.COUPLED_WEIGHT_DECAY, CLIP=kernel.DEFAULT_CLIP,
+                    MAXIMIZE=False, STOCHASTIC=False, BLOCK_SIZE=kernel.settings().block_size)
+    for name, value in expected.items():
+        assert by_direct[name] == value, name
+    assert by_direct["meta_ptr"].dtype == torch.int64 and by_direct["block_tensor_ptr"].dtype == torch.int32

@@ -116,6 +116,10 @@ def run(path, scenario, device):
         oracle = make_optimizer(adopt.ADOPT, oracle_params, *args, dict(foreach=False))
     else:
         oracle = make_optimizer(ADOPT, oracle_params, *args, dict(fused=False, foreach=False))
+    beta1 = scenario["options"]["betas"][0]
+    # Unclipped, torch-adopt's CPU sqrt (1 ulp off on ~17% of inputs) is
+    # amplified by g / sqrt(v): a looser tolerance for that comparison only.
+    tolerance = dict(rtol=1e-4, atol=1e-5) if path == "single_tensor" and scenario["clip"] == "none" else {}
     for step, has_grad in enumerate(scenario["has_grad"]):
         for p, q, active in zip(params, oracle_params, has_grad):
             grad = None
@@ -134,9 +138,20 @@ def run(path, scenario, device):
                 assert_unchanged(ours, params, before, f"{scenario['hostile'][1]} at step {step}")
         ours.step()
         oracle.step()
-        assert_same_run(params, [ours.state.get(p, {}) for p in params], oracle_params,
-                        [oracle.state.get(q, {}) for q in oracle_params], f"step {step}",
-                        exact=path == "fused")
+        assert_same_run(params, states(ours, params, beta1), oracle_params,
+                        states(oracle, oracle_params, beta1), f"step {step}", exact=path == "fused",
+                        **tolerance)
+
+
+def states(optimizer, params, beta1):
+    """The state of each param; with beta1 = 0 the sign of a zero exp_avg is
+    left out (ATen's lerp gives either, see test_hostile)."""
+    out = [dict(optimizer.state.get(p, {})) for p in params]
+    if beta1 == 0:
+        for state in out:
+            if "exp_avg" in state:
+                state["exp_avg"] = state["exp_avg"] + 0.0  # -0.0 + 0.0 == +0.0
+    return out
 
 
 @given(data=st.data())

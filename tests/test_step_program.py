@@ -212,3 +212,23 @@ def test_captured_graph_replays_after_other_optimizers_stepped(kernel_device):
         assert torch.equal(a, b)
         for key in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(graph_opt.state[a][key], eager_opt.state[b][key])
+
+
+@pytest.mark.cuda
+def test_direct_launch_equals_the_jit_launch_on_cuda(kernel_device, monkeypatch):
+    if kernel_device != "cuda":
+        pytest.skip("the direct launch exists for compiled kernels on CUDA")
+    from adopt_triton.kernels import adopt as kernel
+    runs = []
+    for direct in (True, False):
+        monkeypatch.setattr(kernel, "DIRECT_LAUNCH", direct)
+        torch.manual_seed(9)
+        params = make_params(SHAPES, "cuda", seed=9)
+        opt = ADOPT(params, fused=True, **OPTIONS)
+        for _ in range(STEPS):
+            for p in params:
+                p.grad = wide_grad(p.shape, "cuda")
+            opt.step()
+        runs.append(snapshot(opt, params))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
