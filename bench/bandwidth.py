@@ -1,6 +1,6 @@
 """Bandwidth sweep of the fused kernel alone (launch tables built beforehand):
 
-    python bench/bandwidth.py                # every variant over 2^20 ... 2^28 elements
+    python bench/bandwidth.py                # every variant over 2^20, 2^22, ... 2^28 elements
     python bench/bandwidth.py --block-sweep  # BLOCK_SIZE x num_warps, one 2^26 tensor
 
 Achieved GB/s = bytes moved / median time, with the byte model of common.py
@@ -54,7 +54,7 @@ ROWS = []
 def kernel_call(numel, mode):
     """A launch over one tensor whose step count keeps it in `mode` (the
     kernel does not bump steps), on random data (never zeros). The one place
-    that uses the kernel module's internal API."""
+    that uses the kernel module's internal API (tables, variant, launch)."""
     spec = MODES[mode]
     param, grad = (torch.randn(numel, device=common.DEVICE).to(spec.dtype) for _ in range(2))
     exp_avg = torch.randn(numel, device=common.DEVICE).to(spec.state_dtype)
@@ -63,13 +63,11 @@ def kernel_call(numel, mode):
     tensors = (param, grad, exp_avg, exp_avg_sq, step)  # the tables hold their addresses only
     tables = kernel.make_tables([numel], [[t.data_ptr() for t in tensors]], param.device)
     scalars = kernel.StepScalars.make(lr=1e-3, beta1=0.9, beta2=0.9999, eps=1e-6, weight_decay=0.0)
-    variant = kernel.Variant(spec.dtype, spec.state_dtype, maximize=False,
-                             weight_decay=kernel.NO_WEIGHT_DECAY, clip=kernel.DEFAULT_CLIP,
-                             lerp_from_end=scalars.lerp_from_end, lr_on_device=False, grad_scale=False,
-                             found_inf=False, stochastic=spec.stochastic)
+    variant = kernel.Variant(spec.dtype, spec.state_dtype, False, kernel.NO_WEIGHT_DECAY, kernel.DEFAULT_CLIP,
+                             scalars.lerp_from_end, False, False, False, spec.stochastic)
 
     def launch(_keep_alive=tensors):
-        kernel.launch(tables, variant, scalars, seed=1234)
+        kernel.launch(tables, variant, scalars, seed=1234 if spec.stochastic else 0)
     return launch
 
 

@@ -37,10 +37,11 @@ REHEARSE=0
 [[ $# -gt REHEARSE ]] && { echo "usage: bash bench/run_gpu.sh [--rehearse]" >&2; exit 2; }
 
 if (( REHEARSE )); then
-    BUDGET=${ADOPT_GPU_BUDGET_S:-290} RESERVE=10 MIN_STAGE=5
+    BUDGET=${ADOPT_GPU_BUDGET_S:-290} RESERVE=15 MIN_STAGE=5
     export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
 else
-    BUDGET=${ADOPT_GPU_BUDGET_S:-480} RESERVE=20 MIN_STAGE=20
+    # RESERVE: a cut stage's 20 s to exit, then the table and plots.
+    BUDGET=${ADOPT_GPU_BUDGET_S:-480} RESERVE=40 MIN_STAGE=20
     export TRITON_INTERPRET=0
 fi
 DEADLINE=$(( SECONDS + BUDGET ))
@@ -137,7 +138,7 @@ if (( ! REHEARSE )) && python3 -c 'import xdist' 2> /dev/null; then
 fi
 if (( REHEARSE )); then
     BENCH=("${PYTEST[@]}" bench --benchmark-only --benchmark-min-rounds=1 --benchmark-max-time=0.01 --benchmark-warmup=off)
-    COLLECT_ONLY=(--collect-only)  # f3 only collects when rehearsing: CI runs those tests itself
+    COLLECT_ONLY=(--collect-only)  # f1 and f3 only collect when rehearsing: CI runs those tests itself
     HOST_OVERHEAD_ARGS=(--repeats 10)
 else
     BENCH=("${PYTEST[@]}" bench --benchmark-only --benchmark-min-rounds=5 --benchmark-max-time=0.5)
@@ -158,8 +159,8 @@ elif wanted d; then
 fi
 stage e 60 "BLOCK_SIZE x num_warps sweep" \
     python3 bench/bandwidth.py --block-sweep
-stage f1 150 "every other kernel_device test, compiled" \
-    "${KERNEL_TESTS[@]}" --junitxml="$LOGS/f1.xml" tests "${A_FILES[@]/#/--ignore=}"
+stage f1 150 "every other kernel test, compiled" \
+    "${KERNEL_TESTS[@]}" "${COLLECT_ONLY[@]}" --junitxml="$LOGS/f1.xml" tests "${A_FILES[@]/#/--ignore=}"
 stage f2 600 "the remaining peers' step times" \
     env ADOPT_BENCH_SELECT=rest "${BENCH[@]}" --benchmark-json="$LOGS/f2.json"
 stage f3 600 "the rest of the test suite (interpreted, CPU)" \
@@ -169,7 +170,8 @@ stage f3 600 "the rest of the test suite (interpreted, CPU)" \
 # --- the table and plots, from whatever was measured
 for json in "$WORK"/results/*.json; do
     [[ -e $json ]] || continue
-    timeout 60 python3 bench/render.py "$json" > "$LOGS/render.log" 2>&1 || say "render FAILED (see render.log)"
+    timeout 30 python3 bench/render.py "$json" > "$LOGS/render.log" 2>&1 \
+        || { say "render FAILED (see render.log)"; FAILED="$FAILED render"; }
     cp "${json%.json}.md" "${json%.json}.png" "$OUT"/ 2> /dev/null
     if (( ! REHEARSE )); then
         cp "$json" "${json%.json}.md" "${json%.json}.png" bench/results/ 2> /dev/null
