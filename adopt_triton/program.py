@@ -157,9 +157,10 @@ class GroupProgram:
         """The float32 scalars (cached while the hyper-parameters stay) and a
         custom clip_lambda's values: everything that can fail, computed
         before anything is updated."""
-        lr = hyper.lr
-        lr_value = None if isinstance(lr, Tensor) and (lr.device.type != "cpu" or capturable) \
-            else float(lr)
+        lr = hyper.lr  # a tensor on the launches' device is read there (no host read)
+        on_device = isinstance(lr, Tensor) and self.fused is not None and \
+            all(launch.device == lr.device for launch in self.fused.launches)
+        lr_value = None if on_device else float(lr)
         key = (lr_value, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay)
         if key != self._scalars_key:
             self._scalars = scalars_for(hyper, lr_value)
@@ -187,7 +188,7 @@ class GroupProgram:
                         else 1 - scaling.found_inf.to(flat.device, torch.float32)
                     if index is None:
                         flat.add_(increment)
-                    else:
+                    else:  # only the counts of params that had a gradient
                         flat.index_add_(0, index, increment.expand(index.numel()))
         if self.eager_positions:
             self._run_eager(grads, prepared.eager_hyper, scaling)
