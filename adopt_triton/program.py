@@ -74,10 +74,10 @@ class Prepared(NamedTuple):
     eager_hyper: Hyper             # its clip_lambda answers from values computed beforehand
 
 
-def _flat_advance(steps: List[Tensor]) -> Optional[List[Tuple[Tensor, Optional[Tensor]]]]:
+def _flat_advance(steps: List[Tensor]) -> Optional[List[Tuple[Tensor, Optional[Tensor], Tensor]]]:
     """How to add one to these step counts in one op per flat array they are
-    views of: (array, None) for all of it, else (array, index of the counts);
-    None if they are not all views of flat arrays."""
+    views of: (array, None or the index of the counts, ones); None if they
+    are not all views of flat arrays."""
     by_base: Dict[int, Tuple[Tensor, List[int]]] = {}
     for step in steps:
         base = step._base
@@ -87,7 +87,8 @@ def _flat_advance(steps: List[Tensor]) -> Optional[List[Tuple[Tensor, Optional[T
     plan = []
     for base, indices in by_base.values():
         whole = indices == list(range(base.numel()))
-        plan.append((base, None if whole else torch.tensor(indices, device=base.device)))
+        plan.append((base, None if whole else torch.tensor(indices, device=base.device),
+                     torch.ones(len(indices), device=base.device)))
     return plan
 
 
@@ -183,13 +184,13 @@ class GroupProgram:
             if self.advance is None:
                 advance_steps(self._fused_part(self.tensors.steps), scaling.found_inf)
             else:
-                for flat, index in self.advance:
-                    increment = torch.ones((), device=flat.device) if scaling.found_inf is None \
-                        else 1 - scaling.found_inf.to(flat.device, torch.float32)
+                for flat, index, ones in self.advance:
+                    increment = ones if scaling.found_inf is None else \
+                        ones * (1 - scaling.found_inf.to(flat.device, torch.float32))
                     if index is None:
                         flat.add_(increment)
                     else:  # only the counts of params that had a gradient
-                        flat.index_add_(0, index, increment.expand(index.numel()))
+                        flat.index_add_(0, index, increment)
         if self.eager_positions:
             self._run_eager(grads, prepared.eager_hyper, scaling)
         del self.grads
