@@ -128,10 +128,10 @@ if (( ! REHEARSE )) && ! python3 -P -c 'import torch, sys; sys.exit(not torch.cu
 fi
 
 PYTEST=(python3 -P -m pytest -p no:cacheprovider -q -rfEs)
-# tests/ on the path for its plugins: kernel_marker_plugin marks the kernel_device
-# fixture's users; interpreter_fma_plugin gives Triton 3.6's interpreter (the
-# image's) a true fma, as 3.7+ has (f3 interprets; a no-op on newer Triton).
-TESTS=(env "PYTHONPATH=$REPO/tests:$PYTHONPATH" "${PYTEST[@]}" -p kernel_marker_plugin -p interpreter_fma_plugin)
+# tests/ on the path for its plugin: interpreter_fma_plugin gives Triton 3.6's
+# interpreter (the image's) a true fma, as 3.7+ has (f3 interprets; a no-op on
+# newer Triton). tests/conftest.py marks the kernel_device fixture's users `kernel`.
+TESTS=(env "PYTHONPATH=$REPO/tests:$PYTHONPATH" "${PYTEST[@]}" -p interpreter_fma_plugin)
 KERNEL_TESTS=("${TESTS[@]}" -m "kernel or cuda")
 if (( ! REHEARSE )) && python3 -c 'import xdist' 2> /dev/null; then
     KERNEL_TESTS+=(-n 8)  # compiles kernel variants in parallel

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from adopt_triton import ADOPT
-from harness import assert_bitwise_equal, wide_grad
+from harness import STATE_KEYS, assert_bitwise_equal, assert_same_run, wide_grad
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+
 
 
 @pytest.fixture
@@ -38,11 +38,9 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def assert_same_run(fused_params, fused_opt, ref_params, ref_opt, what=""):
-    for i, (a, b) in enumerate(zip(fused_params, ref_params)):
-        assert_bitwise_equal(a, b, f"{what} param {i}")
-        for key in STATE_KEYS:
-            assert_bitwise_equal(fused_opt.state[a][key], ref_opt.state[b][key], f"{what} {key} {i}")
+def assert_same_optimizers(fused_params, fused_opt, ref_params, ref_opt, what=""):
+    assert_same_run(fused_params, [fused_opt.state[p] for p in fused_params], ref_params,
+                    [ref_opt.state[p] for p in ref_params], what)
 
 
 def lockstep(device, cpu_tensors, grads_per_step, **options):
@@ -87,7 +85,7 @@ def test_fused_matches_the_eager_reference_bitwise(kernel_device, dtype, state_d
     if state_dtype is not None:
         options = dict(options, state_dtype=state_dtype)
     run = lockstep(kernel_device, tensors, grads, **options)
-    assert_same_run(*run)
+    assert_same_optimizers(*run)
     assert float(run[1].state[run[0][-1]]["step"]) == 7
 
 
@@ -116,7 +114,7 @@ def test_rows_with_exp_avg_sq_zero_or_subnormal(kernel_device, eps, clip_lambda)
     if clip_lambda is None:
         options["clip_lambda"] = None
     run = lockstep(kernel_device, [table], grads, **options)
-    assert_same_run(*run)
+    assert_same_optimizers(*run)
     v = run[3].state[run[2][0]]["exp_avg_sq"]
     assert bool((v[never] == 0).all())
     subnormal = (v > 0) & (v < torch.finfo(torch.float32).tiny)
@@ -203,23 +201,17 @@ def test_cuda_graph_replay_matches_the_reference_on_cpu(cuda):
         graph.replay()
         ref_opt.step()
     torch.cuda.synchronize()
-    assert_same_run(params, opt, ref_params, ref_opt, "graph")
+    assert_same_optimizers(params, opt, ref_params, ref_opt, "graph")
     assert float(opt.state[params[0]]["step"]) == 12
 
 
-def plugin_env(**extra):
-    """This environment with tests/ on the path, so that `-p kernel_marker_plugin`
-    finds the plugin; `python3 -P` keeps the repository root off sys.path."""
-    path = os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
-    return dict(os.environ, PYTHONPATH=path, **extra)
-
-
 def collect(*args):
-    """Node ids that pytest selects with the kernel marker plugin (collection only)."""
+    """Node ids that pytest selects (collection only; tests/conftest.py marks
+    the kernel_device fixture's users `kernel`). `python3 -P` keeps the
+    repository root off sys.path."""
     result = subprocess.run(
-        [sys.executable, "-P", "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-         "-p", "kernel_marker_plugin", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env=plugin_env())
+        [sys.executable, "-P", "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return {line.split("[")[0] for line in result.stdout.splitlines() if "::" in line}
 
@@ -246,7 +238,7 @@ def test_compiled_kernels_on_cuda():
     if not INTERPRETED:
         pytest.skip("this session already runs the compiled kernels on CUDA")
     result = subprocess.run(
-        [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "kernel_marker_plugin",
-         "-m", "kernel or cuda", "tests"], cwd=ROOT, capture_output=True, text=True, timeout=1800,
-        env=plugin_env(TRITON_INTERPRET="0"))
+        [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "kernel or cuda",
+         "tests"], cwd=ROOT, capture_output=True, text=True, timeout=1800,
+        env=dict(os.environ, TRITON_INTERPRET="0"))
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]

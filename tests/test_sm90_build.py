@@ -61,7 +61,7 @@ print(json.dumps(report))
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine the kernels are compiled and run for real")
 def test_kernel_builds_for_sm90_with_the_intended_instructions():
-    result = subprocess.run([sys.executable, "-c", BUILD], cwd=ROOT, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-P", "-c", BUILD], cwd=ROOT, capture_output=True, text=True,
                             timeout=900, env=dict(os.environ, TRITON_INTERPRET="0"))
     assert result.returncode == 0, result.stderr[-6000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
