@@ -5,8 +5,8 @@
 (lists of tensors, as ``torch.optim.adam.adam``).
 """
 from adopt_triton.common import Hyper, Scaling, Tensors
-from adopt_triton.optimizer import ADOPT
+from adopt_triton.optimizer import ADOPT, ADOPT8bit
 from adopt_triton.program import adopt
 
-__all__ = ["ADOPT", "adopt", "Hyper", "Scaling", "Tensors"]
+__all__ = ["ADOPT", "ADOPT8bit", "adopt", "Hyper", "Scaling", "Tensors"]
 __version__ = "0.1.0"

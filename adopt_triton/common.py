@@ -32,15 +32,31 @@ class Hyper(NamedTuple):
 
 
 class Tensors(NamedTuple):
-    """Parallel lists, one entry per parameter: what one step updates."""
+    """Parallel lists, one entry per parameter: what one step updates. The
+    last four columns are None unless some tensor is stored compactly (see
+    ``adopt_triton.quantize``); then they hold None for the others."""
     params: List[Tensor]
     grads: List[Tensor]
-    exp_avgs: List[Tensor]
-    exp_avg_sqs: List[Tensor]
+    exp_avgs: List[Tensor]       # with 8-bit state: int8 codes of exp_avg
+    exp_avg_sqs: List[Tensor]    # with 8-bit state: uint8 codes of sqrt(exp_avg_sq)
     steps: List[Tensor]
+    exp_avg_scales: Optional[List[Optional[Tensor]]] = None     # 8-bit state: block maxima
+    exp_avg_sq_scales: Optional[List[Optional[Tensor]]] = None
+    remainders: Optional[List[Optional[Tensor]]] = None  # master weights: below each bf16 param
+    keys: Optional[List[int]] = None  # each tensor's random stream (default: its position)
 
     def pick(self, indices: Sequence[int]) -> "Tensors":
-        return Tensors(*([column[i] for i in indices] for column in self))
+        return Tensors(*(None if column is None else [column[i] for i in indices] for column in self))
+
+    def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> "Tensors":
+        """``fn`` applied to every tensor (absent columns and entries, and keys, kept)."""
+        return Tensors(*(column if column is None or name == "keys" else
+                         [None if t is None else fn(t) for t in column]
+                         for name, column in zip(self._fields, self)))
+
+    def with_keys(self) -> "Tensors":
+        """Keys given explicitly (positions), so that picking keeps them."""
+        return self if self.keys is not None else self._replace(keys=list(range(len(self.params))))
 
 
 class Scaling(NamedTuple):
@@ -69,6 +85,15 @@ def upcast(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
+def memory_order(t: Tensor) -> Tuple[int, ...]:
+    """The dim order in which ``t.permute(order)`` is contiguous for a dense
+    tensor: the order the fused kernel visits its elements in (a tensor that
+    is not dense is visited through a contiguous copy: logical order)."""
+    if dense_strides(t) is None:
+        return tuple(range(t.dim()))
+    return tuple(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
+
+
 def store_back(stored: List[Tensor], computed: List[Tensor]) -> None:
     """Copy upcast results back into their storage (one rounding each)."""
     for original, result in zip(stored, computed):
@@ -80,18 +105,26 @@ _address, _size, _stride, _numel = Tensor.data_ptr, Tensor.size, Tensor.stride, 
 _dtype = attrgetter("dtype")
 
 
+def _addresses(column: Optional[List[Optional[Tensor]]]) -> Optional[list]:
+    return None if column is None else [0 if t is None else t.data_ptr() for t in column]
+
+
 def fingerprint(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
-                exp_avg_sqs: List[Tensor], steps: List[Tensor]) -> tuple:
+                exp_avg_sqs: List[Tensor], steps: List[Tensor],
+                exp_avg_scales: Optional[list] = None, exp_avg_sq_scales: Optional[list] = None,
+                remainders: Optional[list] = None, keys: Optional[list] = None) -> tuple:
     """Everything a cached step's checks and launch tables depend on, for
     local (not DTensor) tensors, in a few C-level passes: every address;
     the params' shapes, strides and dtypes; the gradients' sizes and strides
     (autograd and the ``.grad`` setter keep their dtype and shape those of
     the param). States and steps are kept alive by whoever caches, so their
     addresses cannot be reused by new tensors. The gradients' addresses
-    come last: they alone may change with no rebuild (``FusedStep.with_grads``)."""
+    come last: they alone may change with no rebuild (``FusedStep.with_grads``).
+    (``keys`` are fixed when the cache is built.)"""
     return (list(map(_address, params)), list(map(_size, params)), list(map(_stride, params)),
             list(map(_dtype, params)), list(map(_address, exp_avgs)),
             list(map(_address, exp_avg_sqs)), list(map(_address, steps)),
+            _addresses(exp_avg_scales), _addresses(exp_avg_sq_scales), _addresses(remainders),
             list(map(_numel, grads)), list(map(_stride, grads)), list(map(_address, grads)))
 
 

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from adopt_triton import reference
+from adopt_triton import quantize, reference
 from adopt_triton.common import Tensors, as_real, dense_strides, local_shard
 from adopt_triton.foreach import foreach_adopt
 from adopt_triton.kernels import adopt as kernel
@@ -72,22 +72,24 @@ def eager_implementation(foreach: Optional[bool]):
 def state_dtypes(param_dtype: torch.dtype) -> Tuple[torch.dtype, ...]:
     """The exp_avg/exp_avg_sq dtypes an update of a ``param_dtype`` param
     takes: the param's own, or float32/bf16 for bf16/fp16 params and bf16 for
-    float32 params (``state_dtype``)."""
+    float32 params, or 8-bit codes (int8) for real params (``state_dtype``)."""
     if param_dtype in (torch.bfloat16, torch.float16):
-        return (param_dtype, torch.float32, torch.bfloat16)
+        return (param_dtype, torch.float32, torch.bfloat16, torch.int8)
     if param_dtype == torch.float32:
-        return (torch.float32, torch.bfloat16)
+        return (torch.float32, torch.bfloat16, torch.int8)
     return (param_dtype,)
 
 
 def _check_operands(index: int, param: Tensor, grad: Tensor, exp_avg: Tensor,
                     exp_avg_sq: Tensor) -> None:
     """Same shape and device for all four; the gradient has the param's dtype,
-    the two states one the param's dtype allows; nothing written twice."""
+    the two states one the param's dtype allows (int8 stands for 8-bit
+    codes: int8 exp_avg, uint8 exp_avg_sq); nothing written twice."""
     for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         allowed = (param.dtype,) if name == "grad" else state_dtypes(param.dtype)
-        if t.shape != param.shape or t.dtype not in allowed or t.device != param.device or \
-                (name == "exp_avg_sq" and t.dtype != exp_avg.dtype):
+        if name == "exp_avg_sq":
+            allowed = (torch.uint8 if exp_avg.dtype == torch.int8 else exp_avg.dtype,)
+        if t.shape != param.shape or t.dtype not in allowed or t.device != param.device:
             raise RuntimeError(
                 f"ADOPT: the {name} of parameter {index} ({tuple(t.shape)}, {t.dtype}, {t.device}) "
                 f"does not match it ({tuple(param.shape)}, {param.dtype}, {param.device}); a state "
@@ -126,6 +128,31 @@ def _check_steps(tensors: Tensors, fused: Optional[bool]) -> None:
                                f"{step.dtype} of shape {tuple(step.shape)} on {step.device}")
 
 
+def _check_compact(tensors: Tensors, index: int) -> None:
+    """8-bit codes come with float32 block maxima (one per QUANT_BLOCK
+    elements, contiguous); a remainder has its bf16 param's shape."""
+    param, exp_avg = tensors.params[index], tensors.exp_avgs[index]
+    scales = [None if column is None else column[index]
+              for column in (tensors.exp_avg_scales, tensors.exp_avg_sq_scales)]
+    if (exp_avg.dtype == torch.int8) != (scales[0] is not None) or (scales[0] is None) != (scales[1] is None):
+        raise RuntimeError(f"ADOPT: parameter {index} has 8-bit state without its block maxima "
+                           "(exp_avg_scale, exp_avg_sq_scale), or block maxima without 8-bit state")
+    for name, scale in zip(("exp_avg_scale", "exp_avg_sq_scale"), scales):
+        if scale is not None and (scale.dtype != torch.float32 or scale.device != param.device or
+                                  scale.shape != (quantize.n_blocks(param.numel()),) or
+                                  not scale.is_contiguous()):
+            raise RuntimeError(f"ADOPT: {name} of parameter {index} ({tuple(scale.shape)}, {scale.dtype}, "
+                               f"{scale.device}) is not a contiguous float32 tensor of "
+                               f"{quantize.n_blocks(param.numel())} block maxima on {param.device}")
+    remainder = None if tensors.remainders is None else tensors.remainders[index]
+    if remainder is not None and (param.dtype != torch.bfloat16 or remainder.shape != param.shape or
+                                  remainder.dtype not in kernel.REMAINDER_BITS or
+                                  remainder.device != param.device):
+        raise RuntimeError(f"ADOPT: param_remainder of parameter {index} ({tuple(remainder.shape)}, "
+                           f"{remainder.dtype}) does not fit its parameter ({tuple(param.shape)}, "
+                           f"{param.dtype}): expected int16 or int8 beside a bf16 param")
+
+
 def _check_sharding(tensors: Tensors) -> None:
     """DTensor parameters (FSDP2): all of a group or none, each with its
     gradient and state sharded like it, and one device for the group."""
@@ -138,6 +165,9 @@ def _check_sharding(tensors: Tensors) -> None:
             f"{[i for i, s in enumerate(sharded) if not s]}); put them in separate param groups")
     if not any(sharded):
         return
+    if any(column is not None and any(t is not None for t in column) for column in tensors[5:8]):
+        raise RuntimeError("ADOPT: 8-bit state and master weights do not support DTensor parameters "
+                           "(FSDP2) yet: their block maxima follow the local shard's memory")
     if len({p.device for p in params}) > 1:
         raise RuntimeError("ADOPT: the DTensor shards of one param group are on different devices "
                            f"({sorted({str(p.device) for p in params})})")
@@ -157,6 +187,7 @@ def check(tensors: Tensors, fused: Optional[bool]) -> None:
     _check_steps(tensors, fused)
     for index, (param, grad, exp_avg, exp_avg_sq) in enumerate(zip(*tensors[:4])):
         _check_operands(index, param, grad, exp_avg, exp_avg_sq)
+        _check_compact(tensors, index)
         if use_fused(fused, param):
             check_fused_supported(param)
             if exp_avg.dtype != param.dtype and exp_avg.dtype not in kernel.STATE_DTYPES:

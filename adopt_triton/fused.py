@@ -21,18 +21,25 @@ from adopt_triton.common import (Hyper, Scaling, Tensors, as_real, default_clip_
 from adopt_triton.kernels import adopt as kernel
 
 
+# The tensors of a param's shape, which the kernel addresses with the param's
+# layout (through a staging copy where theirs differs).
+_OPERANDS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "remainders")
+_GRAD = 1
+
+
 class _Staged(NamedTuple):
     """A tensor the kernel reads (and, unless it is the gradient, writes)
     through a dense copy with its parameter's layout."""
     position: int   # in the FusedStep's tensor list
-    column: int     # 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq
+    column: int     # in _OPERANDS
     buffer: Tensor
 
 
 class _Launch(NamedTuple):
     device: torch.device
     dtype: torch.dtype
-    state_dtype: torch.dtype
+    state_dtype: torch.dtype         # int8: 8-bit state
+    remainder_bits: int              # master weights' remainder: 16, 8 or 0 (none)
     positions: List[int]             # of its tensors in the FusedStep's list
     position_index: Optional[Tensor]  # the same on the device, None if it is 0..n-1
     grad_rows: Optional[Tensor]      # rows whose gradient the table addresses (None: all)
@@ -45,6 +52,16 @@ class _Launch(NamedTuple):
 
 def _real_local(t: Tensor) -> Tensor:
     return as_real(local_shard(t))
+
+
+def _entry(tensors: Tensors, name: str, position: int) -> Optional[Tensor]:
+    """tensors.<name>[position], None where the column or the entry is absent."""
+    column = getattr(tensors, name)
+    return None if column is None or column[position] is None else _real_local(column[position])
+
+
+def _address(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
 
 
 def _in_flat(steps: List[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
@@ -81,7 +98,9 @@ class FusedStep:
         by_kind: Dict[tuple, List[int]] = {}
         for position, (param, exp_avg) in enumerate(zip(tensors.params, tensors.exp_avgs)):
             param, exp_avg = _real_local(param), _real_local(exp_avg)
-            by_kind.setdefault((param.device, param.dtype, exp_avg.dtype), []).append(position)
+            remainder = _entry(tensors, "remainders", position)
+            bits = 0 if remainder is None else kernel.REMAINDER_BITS[remainder.dtype]
+            by_kind.setdefault((param.device, param.dtype, exp_avg.dtype, bits), []).append(position)
         self.launches = [self._launch(kind, positions, tensors) for kind, positions in by_kind.items()]
 
     @staticmethod
@@ -89,14 +108,14 @@ class FusedStep:
         device = kind[0]
         numels, addresses, grad_rows, grad_positions, staged = [], [], [], [], []
         for row_index, position in enumerate(positions):
-            operands = [_real_local(column[position]) for column in tensors[:4]]
+            operands = [_entry(tensors, name, position) for name in _OPERANDS]
             layout = _layout(operands[0])
             strides = dense_strides(layout)
             row = []
             for column, operand in enumerate(operands):
-                if dense_strides(operand) == strides:
-                    row.append(operand.data_ptr())
-                    if column == 1:
+                if operand is None or dense_strides(operand) == strides:
+                    row.append(_address(operand))
+                    if column == _GRAD:
                         grad_rows.append(row_index)
                         grad_positions.append(position)
                 else:
@@ -104,12 +123,14 @@ class FusedStep:
                     staged.append(_Staged(position, column, buffer))
                     row.append(buffer.data_ptr())
             numels.append(layout.numel())
-            addresses.append(row + [tensors.steps[position].data_ptr()])
+            scales = [_address(_entry(tensors, name, position)) for name in ("exp_avg_scales", "exp_avg_sq_scales")]
+            addresses.append(row[:4] + [tensors.steps[position].data_ptr()] + scales + row[4:])
         index = None if positions == list(range(len(positions))) else torch.tensor(positions, device=device)
         steps = [tensors.steps[p] for p in positions]
         rows = None if len(grad_rows) == len(positions) else torch.tensor(grad_rows, dtype=torch.int64)
+        keys = positions if tensors.keys is None else [tensors.keys[p] for p in positions]
         return _Launch(device, *kind[1:], positions, index, rows, grad_positions, staged,
-                       kernel.make_tables(numels, addresses, device), steps, _in_flat(steps))
+                       kernel.make_tables(numels, addresses, device, keys), steps, _in_flat(steps))
 
     def clip_values(self, evaluator: ClipEvaluator, capturable: bool) -> List[Tensor]:
         """A custom clip_lambda's value for every tensor, one array per launch,
@@ -138,31 +159,32 @@ class FusedStep:
                     tables=kernel.with_grad_addresses(launch.tables, launch.grad_rows, picked))
 
     def run(self, grads: Sequence[Tensor], hyper: Hyper, scalars: kernel.StepScalars,
-            scaling: Scaling, seed: Optional[int], clips: Optional[List[Tensor]]) -> None:
-        """One launch per device, param dtype and state dtype, in place; step
-        counts are read, not incremented. ``clips``: a custom clip_lambda's
-        values (``clip_values``); otherwise ``hyper.clip_lambda`` is the
-        default clip (computed in the kernel) or None."""
+            scaling: Scaling, seed: int, stochastic: bool, clips: Optional[List[Tensor]]) -> None:
+        """One launch per device, param dtype, state dtype and remainder, in
+        place; step counts are read, not incremented. ``seed`` keys the random
+        bits (8-bit state; bf16 stores when ``stochastic``). ``clips``: a
+        custom clip_lambda's values (``clip_values``); otherwise
+        ``hyper.clip_lambda`` is the default clip (computed in the kernel) or None."""
         lr = hyper.lr
         clip_mode = kernel.CLIP_PER_TENSOR if clips is not None else (
             kernel.NO_CLIP if hyper.clip_lambda is None else kernel.DEFAULT_CLIP)
         for index, launch in enumerate(self.launches):
             for staged in launch.staged:
-                source = grads[staged.position] if staged.column == 1 else \
-                    self.tensors[staged.column][staged.position]
+                source = grads[staged.position] if staged.column == _GRAD else \
+                    _entry(self.tensors, _OPERANDS[staged.column], staged.position)
                 staged.buffer.copy_(_real_local(source))
             lr_on_device = isinstance(lr, Tensor) and lr.device == launch.device
             grad_scale, found_inf = (None if t is None else t.to(launch.device) for t in scaling)
             variant = kernel.Variant(
                 launch.dtype, launch.state_dtype, hyper.maximize, _weight_decay_mode(hyper),
                 clip_mode, scalars.lerp_from_end, lr_on_device,
-                grad_scale is not None, found_inf is not None, seed is not None)
+                grad_scale is not None, found_inf is not None, stochastic, launch.remainder_bits)
             kernel.launch(launch.tables, variant, scalars, lr=lr if lr_on_device else None,
                           clip=None if clips is None else clips[index], grad_scale=grad_scale, found_inf=found_inf,
-                          seed=seed or 0)
+                          seed=seed)
             for staged in launch.staged:
-                if staged.column != 1:  # the gradient is only read
-                    _real_local(self.tensors[staged.column][staged.position]).copy_(staged.buffer)
+                if staged.column != _GRAD:  # the gradient is only read
+                    _entry(self.tensors, _OPERANDS[staged.column], staged.position).copy_(staged.buffer)
 
 
 def _weight_decay_mode(hyper: Hyper):
@@ -196,8 +218,7 @@ def register(cache: FusedSteps) -> int:
 
 
 def _cached_step(owner: int, slot: int, tensors: Tensors) -> FusedStep:
-    local = [list(map(local_shard, column)) for column in tensors]
-    current = fingerprint(*local)
+    current = fingerprint(*tensors.map_tensors(local_shard))
     cache = _OWNERS[owner]
     fused = cache.get(slot)
     if fused is None or fused.fingerprint[:-1] != current[:-1]:
@@ -208,35 +229,59 @@ def _cached_step(owner: int, slot: int, tensors: Tensors) -> FusedStep:
     return fused
 
 
+def _spread(values: List[Tensor], positions: List[int], n: int) -> Optional[List[Optional[Tensor]]]:
+    """A column of n entries holding ``values`` at ``positions`` (None: no values)."""
+    if not values:
+        return None
+    column: List[Optional[Tensor]] = [None] * n
+    for position, value in zip(positions, values):
+        column[position] = value
+    return column
+
+
 @torch.library.custom_op("adopt_triton::fused_adopt_",
-                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "state_steps"))
+                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "state_steps",
+                                       "exp_avg_scales", "exp_avg_sq_scales", "remainders"))
 def _fused_adopt_op(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
-                    exp_avg_sqs: List[Tensor], state_steps: List[Tensor], lr_tensor: Optional[Tensor],
+                    exp_avg_sqs: List[Tensor], state_steps: List[Tensor], exp_avg_scales: List[Tensor],
+                    exp_avg_sq_scales: List[Tensor], quantized: List[int], remainders: List[Tensor],
+                    keys: List[int], lr_tensor: Optional[Tensor],
                     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                     decouple: bool, maximize: bool, default_clip: bool, clip_values: Optional[Tensor],
                     grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
-                    stochastic_round_seed: Optional[int], owner: int, slot: int) -> None:
+                    seed: int, stochastic: bool, owner: int, slot: int) -> None:
     """A traced step's fused part: the launches of the owner's cached
     ``FusedStep`` for these tensors, then one op bumping their step counts
-    (not counted when found_inf is set). ``clip_values``: one per tensor."""
-    tensors = Tensors(params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    (not counted when found_inf is set). ``clip_values``: one per tensor.
+    Block maxima are given for the ``quantized`` positions only; remainders
+    for every param or none."""
+    n = len(params)
+    tensors = Tensors(params, grads, exp_avgs, exp_avg_sqs, state_steps,
+                      _spread(exp_avg_scales, quantized, n), _spread(exp_avg_sq_scales, quantized, n),
+                      _spread(remainders, list(range(n)), n), keys)
     fused = _cached_step(owner, slot, tensors)
     hyper = Hyper(lr if lr_tensor is None else lr_tensor, beta1, beta2, eps, weight_decay, decouple,
                   maximize, default_clip_lambda if default_clip else None)
     scalars = kernel.StepScalars.make(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
-    fused.run(grads, hyper, scalars, Scaling(grad_scale, found_inf), stochastic_round_seed,
+    fused.run(grads, hyper, scalars, Scaling(grad_scale, found_inf), seed, stochastic,
               None if clip_values is None else fused.split(clip_values))
     advance_steps(state_steps, found_inf)
 
 
 @_fused_adopt_op.register_fake
-def _(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr_tensor, lr, beta1, beta2, eps,
-      weight_decay, decouple, maximize, default_clip, clip_values, grad_scale, found_inf,
-      stochastic_round_seed, owner, slot) -> None:
+def _(params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales, quantized,
+      remainders, keys, lr_tensor, lr, beta1, beta2, eps, weight_decay, decouple, maximize, default_clip,
+      clip_values, grad_scale, found_inf, seed, stochastic, owner, slot) -> None:
     return None
 
 
-def traced_fused_adopt(tensors: Tensors, hyper: Hyper, scaling: Scaling, seed: Optional[int],
+def _present(column: Optional[list]) -> Tuple[List[Tensor], List[int]]:
+    """The entries of a column that are not None, and their positions."""
+    pairs = [(t, i) for i, t in enumerate(column or []) if t is not None]
+    return [t for t, _ in pairs], [i for _, i in pairs]
+
+
+def traced_fused_adopt(tensors: Tensors, hyper: Hyper, scaling: Scaling, seed: int, stochastic: bool,
                        owner: int, slot: int) -> None:
     """The fused part of a step under torch.compile: a custom clip_lambda is
     traced on a tensor of the step counts (it must take tensors there), the
@@ -250,9 +295,14 @@ def traced_fused_adopt(tensors: Tensors, hyper: Hyper, scaling: Scaling, seed: O
     lr = hyper.lr
     on_device = isinstance(lr, Tensor) and all(p.device == lr.device for p in tensors.params)
     lr_tensor = lr if on_device else None
-    _fused_adopt_op(*tensors, lr_tensor=lr_tensor, lr=0.0 if lr_tensor is not None else float(lr),
+    exp_avg_scales, quantized = _present(tensors.exp_avg_scales)
+    exp_avg_sq_scales, _ = _present(tensors.exp_avg_sq_scales)
+    remainders, _ = _present(tensors.remainders)
+    keys = list(range(len(tensors.params))) if tensors.keys is None else tensors.keys
+    _fused_adopt_op(*tensors[:5], exp_avg_scales, exp_avg_sq_scales, quantized, remainders, keys,
+                    lr_tensor=lr_tensor, lr=0.0 if lr_tensor is not None else float(lr),
                     beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps,
                     weight_decay=hyper.weight_decay, decouple=hyper.decouple,
                     maximize=hyper.maximize, default_clip=hyper.clip_lambda is not None,
                     clip_values=clip_values, grad_scale=scaling.grad_scale,
-                    found_inf=scaling.found_inf, stochastic_round_seed=seed, owner=owner, slot=slot)
+                    found_inf=scaling.found_inf, seed=seed, stochastic=stochastic, owner=owner, slot=slot)

@@ -6,18 +6,21 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
-from adopt_triton import dispatch, fused as fused_path
+from adopt_triton import dispatch, fused as fused_path, quantize, state as state_format
 from adopt_triton.clip import ClipEvaluator
 from adopt_triton.common import Hyper, Scaling, Tensors, default_clip_lambda
 from adopt_triton.kernels import adopt as kernel
-from adopt_triton.program import GroupProgram, OptimizerState, custom_clip, grads_of, has_grad
+from adopt_triton.program import (COMPACT_KEYS, GroupProgram, OptimizerState, custom_clip, grads_of,
+                                  has_grad)
 
 _FLAG_DEFAULTS = dict(maximize=False, foreach=None, capturable=False, differentiable=False,
                       fused=None)
 # How this process runs the update, as opposed to what is being trained.
 _EXECUTION_FLAGS = ("foreach", "fused", "capturable", "differentiable")
+STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.int8)
 
 
 def _check_hyperparameters(group: dict) -> None:
@@ -141,8 +144,9 @@ class ADOPT(Optimizer):
 
     Beyond torch-adopt's signature (keyword-only): ``state_dtype`` (None:
     float32 for bf16/fp16 params, the param's dtype otherwise; or
-    ``torch.bfloat16``), ``bf16_stochastic_round`` and
-    ``stochastic_round_seed`` (fused kernel only). See the README.
+    ``torch.bfloat16``, or ``torch.int8`` for 8-bit state),
+    ``master_weight_bits`` (24 or 32, bf16 params), ``bf16_stochastic_round``
+    and ``stochastic_round_seed``. See the README.
     """
 
     # GradScaler hands this optimizer `grad_scale` and `found_inf` instead of
@@ -156,20 +160,24 @@ class ADOPT(Optimizer):
                  weight_decay: float = 0.0, decouple: bool = False, *,
                  foreach: Optional[bool] = None, maximize: bool = False, capturable: bool = False,
                  differentiable: bool = False, fused: Optional[bool] = None,
-                 state_dtype: Optional[torch.dtype] = None, bf16_stochastic_round: bool = False,
-                 stochastic_round_seed: Optional[int] = None):
+                 state_dtype: Optional[torch.dtype] = None, master_weight_bits: Optional[int] = None,
+                 bf16_stochastic_round: bool = False, stochastic_round_seed: Optional[int] = None):
         if clip_lambda is not None and not callable(clip_lambda):
             raise ValueError(f"clip_lambda must be None or callable, got {clip_lambda!r}")
-        if state_dtype not in (None, torch.float32, torch.bfloat16):
+        if state_dtype not in STATE_DTYPES:
             raise ValueError(f"Invalid state_dtype: {state_dtype} (supported: None, torch.float32, "
-                             "torch.bfloat16)")
+                             "torch.bfloat16, torch.int8 for 8-bit state)")
+        if master_weight_bits not in (None, *quantize.MASTER_WEIGHT_BITS):
+            raise ValueError(f"Invalid master_weight_bits: {master_weight_bits} (supported: None, 24, 32)")
         # Like clip_lambda, these live on the optimizer, not in param_groups, so
         # that state_dict keeps torch-adopt's layout.
         self.state_dtype = state_dtype
+        self.master_weight_bits = master_weight_bits
         self.bf16_stochastic_round = bf16_stochastic_round
-        if bf16_stochastic_round and stochastic_round_seed is None:  # reproducible under torch.manual_seed
+        random = bf16_stochastic_round or state_dtype == torch.int8  # 8-bit sqrt(v) rounds stochastically
+        if random and stochastic_round_seed is None:  # reproducible under torch.manual_seed
             stochastic_round_seed = int(torch.randint(2**31 - 1, ()))
-        self.stochastic_round_seed = stochastic_round_seed if bf16_stochastic_round else None
+        self.stochastic_round_seed = stochastic_round_seed if random else None
         if self.stochastic_round_seed is not None and not 0 <= self.stochastic_round_seed < kernel.SEED_LIMIT:
             raise ValueError(f"Invalid stochastic_round_seed: {stochastic_round_seed} (an integer in "
                              f"[0, 2**31))")
@@ -205,6 +213,7 @@ class ADOPT(Optimizer):
     # pickles), not the cached programs, which hold raw addresses.
     def __getstate__(self) -> dict:
         return dict(super().__getstate__(), state_dtype=self.state_dtype,
+                    master_weight_bits=self.master_weight_bits,
                     bf16_stochastic_round=self.bf16_stochastic_round,
                     stochastic_round_seed=self.stochastic_round_seed,
                     clip_lambda=_PickledClip(self.clip_lambda))
@@ -214,7 +223,7 @@ class ADOPT(Optimizer):
         super().__setstate__(state)
         self.clip_lambda = clip.clip_lambda if isinstance(clip, _PickledClip) else clip
         self.state = OptimizerState(self.state)
-        for name in ("state_dtype", "stochastic_round_seed"):
+        for name in ("state_dtype", "stochastic_round_seed", "master_weight_bits"):
             self.__dict__.setdefault(name, None)
         self.__dict__.setdefault("bf16_stochastic_round", False)
         self._register_hooks()
@@ -236,16 +245,32 @@ class ADOPT(Optimizer):
             group = self.param_groups[-1]
             _check_hyperparameters(group)
             for param in group["params"]:
-                if self.state_dtype is not None and param.is_complex():
-                    raise ValueError(f"state_dtype={self.state_dtype} needs real parameters, got "
-                                     f"{param.dtype}")
-                reason = self.bf16_stochastic_round and dispatch.eager_reason(group["fused"], param)
-                if reason:
-                    raise RuntimeError("bf16_stochastic_round=True runs in the fused kernel, which "
-                                       f"this parameter would not use: {reason}")
+                self._check_storage_options(group, param)
         except (ValueError, RuntimeError):
             self.param_groups.pop()
             raise
+
+    def _check_storage_options(self, group: dict, param: Tensor) -> None:
+        """state_dtype and master_weight_bits against one parameter."""
+        compact = self.state_dtype == torch.int8 or self.master_weight_bits is not None
+        if self.state_dtype is not None and param.is_complex():
+            raise ValueError(f"state_dtype={self.state_dtype} needs real parameters, got {param.dtype}")
+        if self.master_weight_bits is not None and param.dtype != torch.bfloat16:
+            raise ValueError(f"master_weight_bits={self.master_weight_bits} keeps the low bits of bf16 "
+                             f"params beside them; got a {param.dtype} parameter of shape "
+                             f"{tuple(param.shape)} (a float32 param is its own master weight)")
+        if compact and group["differentiable"]:
+            raise ValueError("differentiable=True does not support state_dtype=torch.int8 or "
+                             "master_weight_bits (their state is integer codes)")
+        if compact and isinstance(param, DTensor):
+            raise ValueError("state_dtype=torch.int8 and master_weight_bits do not support DTensor "
+                             "parameters (FSDP2) yet")
+
+    def master_weight(self, param: Tensor) -> Tensor:
+        """The float32 master weight of ``param``: the bf16 param joined with
+        its remainder under ``master_weight_bits`` (exactly the param a float32
+        run would hold, with 32 bits), else the param upcast."""
+        return state_format.master_weight(param, self.state.get(param, {}))
 
     def _state_dtype(self, param: Tensor) -> torch.dtype:
         """exp_avg/exp_avg_sq dtype: ``state_dtype`` if given, float32 for
@@ -287,20 +312,22 @@ class ADOPT(Optimizer):
         optimizer._loaded_state = {p: state_dict["state"][i] for i, p in zip(saved_ids, params)
                                    if i in state_dict["state"]}
         seed = state_dict.get("adopt_triton", {}).get("stochastic_round_seed")
-        if seed is not None and optimizer.bf16_stochastic_round:
+        if seed is not None and optimizer.stochastic_round_seed is not None:
             optimizer.stochastic_round_seed = seed  # the resumed run continues the same random stream
         return dict(state_dict, param_groups=groups + state_dict["param_groups"][len(groups):])
 
     @staticmethod
     def _convert_loaded_state(optimizer: "ADOPT") -> None:
-        """A loaded exp_avg/exp_avg_sq takes this optimizer's state dtype
-        (float32 -> bf16 rounds to nearest even, bf16 -> float32 is exact),
-        converted from the checkpoint's own tensor; step goes where it is read."""
+        """A loaded state takes this optimizer's format (``state.converted``:
+        float32 -> bf16 and float32 -> 8-bit round to nearest, bf16 ->
+        float32 is exact, 8-bit -> float32 decodes), converted from the
+        checkpoint's own tensors; step goes where it is read."""
         for param, saved in getattr(optimizer, "_loaded_state", {}).items():
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in saved:
-                    optimizer.state[param][key] = saved[key].detach().to(
-                        device=param.device, dtype=optimizer._state_dtype(param))
+            current = optimizer.state[param]
+            for key in ("exp_avg", "exp_avg_sq", *COMPACT_KEYS):
+                current.pop(key, None)
+            current.update(state_format.converted(param, saved, optimizer._state_dtype(param),
+                                                  optimizer.master_weight_bits))
         optimizer._loaded_state = {}
         ADOPT._place_steps(optimizer)
         optimizer._reset_caches()
@@ -367,14 +394,15 @@ class ADOPT(Optimizer):
             state = self.state[param]
             if len(state) == 0:
                 state["step"] = torch.zeros((), dtype=torch.float32)
-                dtype = self._state_dtype(param)
-                state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype,
-                                                       memory_format=torch.preserve_format)
+                state.update(state_format.new_state(param, self._state_dtype(param), self.master_weight_bits))
         self._pack_steps(group)
         states = [self.state[p] for p in params]
+        compact = [[s.get(key) for s in states] for key in COMPACT_KEYS]
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         tensors = Tensors(params, grads, [s["exp_avg"] for s in states],
-                          [s["exp_avg_sq"] for s in states], [s["step"] for s in states])
+                          [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
+                          *(column if any(t is not None for t in column) else None for column in compact),
+                          keys=[index[id(p)] for p in params])  # its state_dict index: a stable random stream
         if group["differentiable"] and any(s.requires_grad for s in tensors.steps):
             raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
         dispatch.check(tensors, ADOPT._fused(group))
@@ -409,13 +437,19 @@ class ADOPT(Optimizer):
         return self._clip
 
     def _init_group(self, group: dict, params: list, grads: list, exp_avgs: list,
-                    exp_avg_sqs: list, state_steps: list) -> bool:
+                    exp_avg_sqs: list, state_steps: list, exp_avg_scales: Optional[list] = None,
+                    exp_avg_sq_scales: Optional[list] = None, remainders: Optional[list] = None,
+                    keys: Optional[list] = None) -> bool:
         """Collect the group's tensors that have a gradient (creating their
         state), check them, and return whether any is complex. The signature
-        is torch.optim's: torch.compile runs it eagerly while tracing."""
+        is torch.optim's, plus the columns of compact storage (None entries
+        where a param has none): torch.compile runs it eagerly while tracing."""
         _, tensors = self._gather(group, grads_of(group["params"]))
-        for column, values in zip((params, grads, exp_avgs, exp_avg_sqs, state_steps), tensors):
-            column.extend(values)
+        columns = (params, grads, exp_avgs, exp_avg_sqs, state_steps, exp_avg_scales, exp_avg_sq_scales,
+                   remainders, keys)
+        for column, values in zip(columns, tensors):
+            if column is not None:
+                column.extend([None] * len(tensors.params) if values is None else values)
         return any(p.is_complex() for p in tensors.params)
 
     def _traced_step(self) -> None:
@@ -423,9 +457,10 @@ class ADOPT(Optimizer):
         then the update), the fused launches as one opaque op per group."""
         work = []
         for group in self.param_groups:
-            tensors = Tensors([], [], [], [], [])
-            self._init_group(group, *tensors)
-            work.append((group, tensors))
+            columns = [[] for _ in Tensors._fields]
+            self._init_group(group, *columns)
+            work.append((group, Tensors(*(None if all(t is None for t in column) and column else column
+                                          for column in columns))))
         scaling = Scaling(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         for slot, (group, tensors) in enumerate(work):
             if not tensors.params:
@@ -435,8 +470,8 @@ class ADOPT(Optimizer):
             if len(positions) != len(tensors.params):
                 raise RuntimeError("ADOPT under torch.compile runs the fused kernel only; "
                                    "use fused=True with tensors it supports")
-            fused_path.traced_fused_adopt(tensors, hyper, scaling, self.stochastic_round_seed,
-                                     self._traced_owner, slot)
+            fused_path.traced_fused_adopt(tensors, hyper, scaling, self.stochastic_round_seed or 0,
+                                          self.bf16_stochastic_round, self._traced_owner, slot)
 
     def step(self, closure=None):
         """Perform a single optimization step.
@@ -468,5 +503,15 @@ class ADOPT(Optimizer):
         scaling = Scaling(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         for program, hyper, prepared in work:
             with torch.set_grad_enabled(program.group["differentiable"]):
-                program.run(prepared, hyper, scaling, self.stochastic_round_seed)
+                program.run(prepared, hyper, scaling, self.stochastic_round_seed or 0,
+                            self.bf16_stochastic_round)
         return loss
+
+
+class ADOPT8bit(ADOPT):
+    """``ADOPT`` with 8-bit state (``state_dtype=torch.int8``) by default:
+    about 2.1 bytes of state per parameter instead of 8 (tensors of fewer
+    than 4096 elements keep float32 state)."""
+
+    def __init__(self, params, *args, state_dtype: Optional[torch.dtype] = torch.int8, **kwargs):
+        super().__init__(params, *args, state_dtype=state_dtype, **kwargs)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from adopt_triton import dispatch
+from adopt_triton import dispatch, reference
 from adopt_triton.clip import ClipEvaluator
 from adopt_triton.common import (Hyper, Scaling, Tensors, default_clip_lambda, fingerprint,
                                  local_shard)
@@ -25,6 +25,8 @@ from adopt_triton.kernels import adopt as kernel
 
 _GRAD = attrgetter("grad")
 _EXP_AVG, _EXP_AVG_SQ, _STEP = itemgetter("exp_avg"), itemgetter("exp_avg_sq"), itemgetter("step")
+# State keys of compact storage (adopt_triton.quantize), in Tensors' column order.
+COMPACT_KEYS = ("exp_avg_scale", "exp_avg_sq_scale", "param_remainder")
 _NONE = repeat(None)
 
 
@@ -97,6 +99,7 @@ class GroupProgram:
 
     def __init__(self, group: dict, mask: List[bool], tensors: Tensors, *, fused: Optional[bool],
                  foreach: Optional[bool]):
+        tensors = tensors.with_keys()
         self.group = group
         self.mask = mask
         self.all_active = all(mask)
@@ -116,10 +119,7 @@ class GroupProgram:
         self._scalars: Optional[kernel.StepScalars] = None
 
     def _fingerprint(self, tensors: Tensors) -> tuple:
-        columns = tensors
-        if self.sharded:
-            columns = [list(map(local_shard, column)) for column in tensors]
-        return fingerprint(*columns)
+        return fingerprint(*(tensors.map_tensors(local_shard) if self.sharded else tensors))
 
     def reuse(self, params: List[Tensor], grads: List[Optional[Tensor]], state: dict) -> bool:
         """Whether this program still fits the group as it is now (then it
@@ -137,7 +137,7 @@ class GroupProgram:
                 self.state_of = (state, getattr(state, "version", None), list(map(id, params)), states)
             current = self._fingerprint(Tensors(params, grads, list(map(_EXP_AVG, states)),
                                                 list(map(_EXP_AVG_SQ, states)),
-                                                list(map(_STEP, states))))
+                                                list(map(_STEP, states)), *self._compact_columns(states)))
         except (KeyError, RuntimeError, AttributeError):  # state gone, sparse or odd tensors
             return False
         if current[:-1] != self.fingerprint[:-1]:
@@ -150,6 +150,11 @@ class GroupProgram:
             self.fingerprint = current
         self.grads = grads
         return True
+
+    def _compact_columns(self, states: List[dict]) -> list:
+        """The compact-storage columns of these states, where the program has them."""
+        return [None if mine is None else [state.get(key) for state in states]
+                for key, mine in zip(COMPACT_KEYS, self.tensors[5:8])]
 
     def _fused_part(self, column: list) -> list:
         return column if self.fused_positions is None else [column[i] for i in self.fused_positions]
@@ -175,11 +180,14 @@ class GroupProgram:
                 eager_hyper = hyper._replace(clip_lambda=clip.by_count(counts).__getitem__)
         return Prepared(self._scalars, clips, eager_hyper)
 
-    def run(self, prepared: Prepared, hyper: Hyper, scaling: Scaling, seed: Optional[int]) -> None:
-        """The step: the fused launches, the eager paths, the step counts."""
+    def run(self, prepared: Prepared, hyper: Hyper, scaling: Scaling, seed: int = 0,
+            stochastic: bool = False) -> None:
+        """The step: the fused launches, the eager paths, the step counts.
+        ``seed`` keys the random bits (8-bit state, and bf16 stores with
+        ``stochastic``)."""
         grads = self.grads
         if self.fused is not None:
-            self.fused.run(self._fused_part(grads), hyper, prepared.scalars, scaling, seed,
+            self.fused.run(self._fused_part(grads), hyper, prepared.scalars, scaling, seed, stochastic,
                            prepared.clips)
             if self.advance is None:
                 advance_steps(self._fused_part(self.tensors.steps), scaling.found_inf)
@@ -192,19 +200,27 @@ class GroupProgram:
                     else:  # only the counts of params that had a gradient
                         flat.index_add_(0, index, increment)
         if self.eager_positions:
-            self._run_eager(grads, prepared.eager_hyper, scaling)
+            self._run_eager(grads, prepared.eager_hyper, scaling, seed, stochastic)
         del self.grads
 
-    def _run_eager(self, grads, hyper: Hyper, scaling: Scaling) -> None:
+    def _run_eager(self, grads, hyper: Hyper, scaling: Scaling, seed: int, stochastic: bool) -> None:
         """GradScaler's unscale-and-skip done eagerly (reading found_inf on
-        the host, as GradScaler itself does for unfused optimizers)."""
+        the host, as GradScaler itself does for unfused optimizers).
+        Compactly stored tensors, and stochastic rounding, take the reference."""
         if scaling.found_inf is not None and float(scaling.found_inf) != 0:
             return
         tensors = self.tensors.pick(self.eager_positions)
         grads = [grads[i] for i in self.eager_positions]
         if scaling.grad_scale is not None:
             grads = [g / scaling.grad_scale.to(g.device) for g in grads]
-        self.eager_implementation(tensors._replace(grads=grads), hyper)
+        tensors = tensors._replace(grads=grads)
+        compact = [i for i in range(len(grads)) if stochastic or reference.compact(tensors, i)]
+        if compact:
+            reference.adopt(tensors.pick(compact), hyper, seed=seed, stochastic=stochastic)
+        if len(compact) < len(grads):
+            plain = [i for i in range(len(grads)) if i not in set(compact)]
+            self.eager_implementation(tensors.pick(plain)._replace(exp_avg_scales=None, exp_avg_sq_scales=None,
+                                                                   remainders=None), hyper)
 
 
 def scalars_for(hyper: Hyper, lr: Optional[float]) -> kernel.StepScalars:
@@ -226,15 +242,19 @@ def custom_clip(clip_lambda: Optional[Callable]) -> bool:
 
 def adopt(tensors: Tensors, hyper: Hyper, *, fused: Optional[bool] = None,
           foreach: Optional[bool] = None, scaling: Scaling = Scaling(),
-          stochastic_round_seed: Optional[int] = None, capturable: bool = False) -> None:
+          bf16_stochastic_round: bool = False, stochastic_round_seed: int = 0,
+          capturable: bool = False) -> None:
     """Functional ADOPT over lists of tensors, as ``torch.optim.adam.adam``:
     each tensor goes to the fused kernel (as ``fused`` decides, see
-    ``dispatch.use_fused``) or to an eager path (``foreach``), and its step
-    count is incremented. The step counts of tensors on the fused path must
-    be float32 scalars on their parameter's device. Everything is checked
-    before anything is updated."""
+    ``dispatch.use_fused``) or to an eager path (``foreach``; the reference
+    for compact storage or stochastic rounding), and its step count is
+    incremented. The step counts of tensors on the fused path must be
+    float32 scalars on their parameter's device. ``stochastic_round_seed``
+    keys the random bits of 8-bit state and of bf16 stores rounded
+    stochastically (``bf16_stochastic_round``). Everything is checked before
+    anything is updated."""
     dispatch.check(tensors, fused)
     program = GroupProgram(None, [True] * len(tensors.params), tensors, fused=fused, foreach=foreach)
     clip = ClipEvaluator(hyper.clip_lambda) if custom_clip(hyper.clip_lambda) else None
     prepared = program.prepare(hyper, clip, capturable=capturable)
-    program.run(prepared, hyper, scaling, stochastic_round_seed)
+    program.run(prepared, hyper, scaling, stochastic_round_seed, bf16_stochastic_round)

@@ -33,6 +33,9 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from .compact import (EXP_AVG_DIVISOR, EXP_AVG_SQ_LEVELS, QUANT_BLOCK, decode_exp_avg, load_master,
+                      load_scales, random_words, store_exp_avg, store_master, store_sqrt_exp_avg_sq)
+
 # Weight-decay modes (the WEIGHT_DECAY constexpr).
 NO_WEIGHT_DECAY = tl.constexpr(0)
 COUPLED_WEIGHT_DECAY = tl.constexpr(1)
@@ -42,10 +45,13 @@ DECOUPLED_WEIGHT_DECAY = tl.constexpr(2)
 NO_CLIP = tl.constexpr(0)
 DEFAULT_CLIP = tl.constexpr(1)
 CLIP_PER_TENSOR = tl.constexpr(2)
-# Columns of a tensor's row in the metadata table (see Tables).
+# Columns of a tensor's row in the metadata table (see Tables): the addresses
+# of p, g, m, v, its step count, m's and v's block maxima (8-bit state) and
+# the param's remainder (master weights), then its random-stream key.
 (META_FIRST_BLOCK, META_NUMEL, META_PARAM, META_GRAD, META_EXP_AVG, META_EXP_AVG_SQ,
- META_STEP, META_ALIGNED) = map(tl.constexpr, range(8))
-META_COLUMNS = tl.constexpr(8)
+ META_STEP, META_ALIGNED, META_EXP_AVG_SCALE, META_EXP_AVG_SQ_SCALE, META_REMAINDER,
+ META_KEY) = map(tl.constexpr, range(12))
+META_COLUMNS = tl.constexpr(12)
 
 _PROPAGATE_NAN = tl.constexpr(tl.PropagateNan.ALL)
 
@@ -70,26 +76,33 @@ def _store(pointer, value, mask, random_bits, STOCHASTIC: tl.constexpr):
 
 
 @triton.jit
-def _adopt_elementwise(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, mask,
-                       neg_lr, weight_decay, neg_lr_weight_decay, lerp_coeff, beta2,
-                       one_minus_beta2, eps, step_ptr, clip_ptr, grad_scale, seed, tensor,
+def _adopt_elementwise(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr,
+                       exp_avg_sq_scale_ptr, remainder_ptr, offsets, mask, quads, scale_offsets,
+                       scale_mask, neg_lr, weight_decay, neg_lr_weight_decay, lerp_coeff, beta2,
+                       one_minus_beta2, eps, step_ptr, clip_ptr, grad_scale, seed, tensor, key,
                        MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, CLIP: tl.constexpr,
                        LERP_FROM_END: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-                       STOCHASTIC: tl.constexpr):
+                       STOCHASTIC: tl.constexpr, QUANTIZED: tl.constexpr,
+                       REMAINDER_BITS: tl.constexpr):
     # The data first: nothing it needs depends on the step count.
     grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
-    param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
-    exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
-    exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
+    param = load_master(param_ptr, remainder_ptr, offsets, mask, REMAINDER_BITS)
+    if QUANTIZED:  # decoded in registers; the stored sqrt(v) is the denominator itself
+        exp_avg = decode_exp_avg(tl.load(exp_avg_ptr + offsets, mask=mask),
+                                 load_scales(exp_avg_scale_ptr, scale_offsets, scale_mask, EXP_AVG_DIVISOR))
+        root = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32) * \
+            load_scales(exp_avg_sq_scale_ptr, scale_offsets, scale_mask, EXP_AVG_SQ_LEVELS)
+        exp_avg_sq = root * root
+    else:
+        exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
+        exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
+        root = exp_avg_sq
     step = tl.load(step_ptr)
-    random_p = offsets  # unused unless STOCHASTIC
-    random_m = offsets
-    random_v = offsets
-    if STOCHASTIC:  # counter-based: the same bits for the same seed, step, tensor and element
-        random_p, random_m, random_v, _ = tl.philox(
-            seed, offsets.to(tl.uint32), (offsets >> 32).to(tl.uint32),
-            tl.zeros_like(offsets).to(tl.uint32) + tensor.to(tl.uint32),
-            tl.zeros_like(offsets).to(tl.uint32) + step.to(tl.uint32))
+    random_p = quads  # unused unless STOCHASTIC or QUANTIZED
+    random_m = quads
+    random_v = quads
+    if STOCHASTIC or QUANTIZED:  # counter-based: the same bits for the same seed, step, key and element
+        random_p, random_m, random_v = random_words(seed, offsets, quads, key, step, QUANTIZED)
     # All arithmetic in float32, whatever the storage dtypes.
     if HAS_GRAD_SCALE:  # GradScaler: unscale in registers, nothing written back
         grad = tl.div_rn(grad, grad_scale)
@@ -99,7 +112,11 @@ def _adopt_elementwise(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets
         grad = tl.fma(param, weight_decay, grad)
     if step == 0:
         # First step: v = g * g; p and m are not written.
-        _store(exp_avg_sq_ptr + offsets, grad * grad, mask, random_v, STOCHASTIC)
+        if QUANTIZED:
+            store_sqrt_exp_avg_sq(exp_avg_sq_ptr, exp_avg_sq_scale_ptr, offsets, mask, scale_offsets,
+                                  scale_mask, tl.sqrt_rn(grad * grad), random_v)
+        else:
+            _store(exp_avg_sq_ptr + offsets, grad * grad, mask, random_v, STOCHASTIC)
     else:
         if WEIGHT_DECAY == DECOUPLED_WEIGHT_DECAY:  # AdamW-style: p = p - lr * wd * p
             param = tl.fma(param, neg_lr_weight_decay, param)
@@ -109,7 +126,9 @@ def _adopt_elementwise(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets
         if CLIP == CLIP_PER_TENSOR:
             clip = tl.load(clip_ptr + tensor).to(tl.float32)
         # Delayed v: normalise by the v of the previous step, then update v last.
-        denom = tl.maximum(tl.sqrt_rn(exp_avg_sq), eps, propagate_nan=_PROPAGATE_NAN)
+        if not QUANTIZED:
+            root = tl.sqrt_rn(exp_avg_sq)
+        denom = tl.maximum(root, eps, propagate_nan=_PROPAGATE_NAN)
         update = tl.div_rn(grad, denom)
         if CLIP != NO_CLIP:
             update = tl.clamp(update, -clip, clip, propagate_nan=_PROPAGATE_NAN)
@@ -120,9 +139,19 @@ def _adopt_elementwise(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets
             exp_avg = tl.fma(lerp_coeff, update - exp_avg, exp_avg)
         param = tl.fma(exp_avg, neg_lr, param)
         exp_avg_sq = tl.fma(one_minus_beta2 * grad, grad, exp_avg_sq * beta2)
-        _store(param_ptr + offsets, param, mask, random_p, STOCHASTIC)
-        _store(exp_avg_ptr + offsets, exp_avg, mask, random_m, STOCHASTIC)
-        _store(exp_avg_sq_ptr + offsets, exp_avg_sq, mask, random_v, STOCHASTIC)
+        if REMAINDER_BITS == 0:
+            _store(param_ptr + offsets, param, mask, random_p, STOCHASTIC)
+        else:
+            store_master(param_ptr, remainder_ptr, offsets, mask, param, random_p, REMAINDER_BITS,
+                         STOCHASTIC)
+        if QUANTIZED:
+            store_exp_avg(exp_avg_ptr, exp_avg_scale_ptr, offsets, mask, scale_offsets, scale_mask,
+                          exp_avg)
+            store_sqrt_exp_avg_sq(exp_avg_sq_ptr, exp_avg_sq_scale_ptr, offsets, mask, scale_offsets,
+                                  scale_mask, tl.sqrt_rn(exp_avg_sq), random_v)
+        else:
+            _store(exp_avg_ptr + offsets, exp_avg, mask, random_m, STOCHASTIC)
+            _store(exp_avg_sq_ptr + offsets, exp_avg_sq, mask, random_v, STOCHASTIC)
 
 
 @triton.jit(do_not_specialize=["meta_ptr", "block_tensor_ptr", "lr_ptr", "clip_ptr",
@@ -135,19 +164,35 @@ def _adopt_kernel(meta_ptr, block_tensor_ptr, lr_ptr, clip_ptr, grad_scale_ptr,
                   DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr, MAXIMIZE: tl.constexpr,
                   WEIGHT_DECAY: tl.constexpr, CLIP: tl.constexpr, LERP_FROM_END: tl.constexpr,
                   LR_ON_DEVICE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-                  HAS_FOUND_INF: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                  HAS_FOUND_INF: tl.constexpr, STOCHASTIC: tl.constexpr,
+                  REMAINDER_BITS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    QUANTIZED: tl.constexpr = STATE_DTYPE == tl.int8  # 8-bit state: int8 m, uint8 sqrt(v), block maxima
     pid = tl.program_id(0).to(tl.int64)
     tensor = tl.load(block_tensor_ptr + pid).to(tl.int64)
     row = meta_ptr + tensor * META_COLUMNS
     # int64 offsets: a tensor may exceed 2**31 elements.
     block_start = (pid - tl.load(row + META_FIRST_BLOCK)) * BLOCK_SIZE
-    offsets = block_start + tl.arange(0, BLOCK_SIZE)
     numel = tl.load(row + META_NUMEL)
+    if QUANTIZED:  # one row per quantisation block
+        rows = tl.arange(0, BLOCK_SIZE // QUANT_BLOCK).to(tl.int64)
+        offsets = block_start + rows[:, None] * QUANT_BLOCK + tl.arange(0, QUANT_BLOCK)[None, :]
+        quads = block_start // 4 + rows[:, None] * (QUANT_BLOCK // 4) + tl.arange(0, QUANT_BLOCK // 4)[None, :]
+        scale_offsets = block_start // QUANT_BLOCK + rows
+        exp_avg_sq_dtype: tl.constexpr = tl.uint8
+    else:
+        offsets = block_start + tl.arange(0, BLOCK_SIZE)
+        quads = offsets
+        scale_offsets = offsets
+        exp_avg_sq_dtype: tl.constexpr = STATE_DTYPE
     param_ptr = tl.load(row + META_PARAM).to(tl.pointer_type(DTYPE))
     grad_ptr = tl.load(row + META_GRAD).to(tl.pointer_type(DTYPE))
     exp_avg_ptr = tl.load(row + META_EXP_AVG).to(tl.pointer_type(STATE_DTYPE))
-    exp_avg_sq_ptr = tl.load(row + META_EXP_AVG_SQ).to(tl.pointer_type(STATE_DTYPE))
+    exp_avg_sq_ptr = tl.load(row + META_EXP_AVG_SQ).to(tl.pointer_type(exp_avg_sq_dtype))
+    exp_avg_scale_ptr = tl.load(row + META_EXP_AVG_SCALE).to(tl.pointer_type(tl.float32))
+    exp_avg_sq_scale_ptr = tl.load(row + META_EXP_AVG_SQ_SCALE).to(tl.pointer_type(tl.float32))
+    remainder_ptr = tl.load(row + META_REMAINDER).to(tl.pointer_type(tl.int8 if REMAINDER_BITS == 8 else tl.int16))
     step_ptr = tl.load(row + META_STEP).to(tl.pointer_type(tl.float32))
+    key = tl.load(row + META_KEY)
     aligned = tl.load(row + META_ALIGNED)
     if LR_ON_DEVICE:  # as torch-adopt computes with a tensor lr: -(lr * wd) in float32
         lr = tl.load(lr_ptr).to(tl.float32)
@@ -164,18 +209,22 @@ def _adopt_kernel(meta_ptr, block_tensor_ptr, lr_ptr, clip_ptr, grad_scale_ptr,
             # 16-byte aligned tensor, full block: no mask, vector loads and stores.
             _adopt_elementwise(tl.multiple_of(param_ptr, 16), tl.multiple_of(grad_ptr, 16),
                                tl.multiple_of(exp_avg_ptr, 16), tl.multiple_of(exp_avg_sq_ptr, 16),
-                               offsets, None, neg_lr, weight_decay, neg_lr_weight_decay,
+                               exp_avg_scale_ptr, exp_avg_sq_scale_ptr,
+                               tl.multiple_of(remainder_ptr, 16), offsets, None, quads, scale_offsets,
+                               None, neg_lr, weight_decay, neg_lr_weight_decay,
                                lerp_coeff, beta2, one_minus_beta2, eps, step_ptr, clip_ptr,
-                               grad_scale, seed, tensor,
+                               grad_scale, seed, tensor, key,
                                MAXIMIZE, WEIGHT_DECAY, CLIP, LERP_FROM_END, HAS_GRAD_SCALE,
-                               STOCHASTIC)
+                               STOCHASTIC, QUANTIZED, REMAINDER_BITS)
         else:
-            _adopt_elementwise(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets,
-                               offsets < numel, neg_lr, weight_decay, neg_lr_weight_decay,
+            _adopt_elementwise(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, exp_avg_scale_ptr,
+                               exp_avg_sq_scale_ptr, remainder_ptr, offsets, offsets < numel, quads,
+                               scale_offsets, scale_offsets < (numel + QUANT_BLOCK - 1) // QUANT_BLOCK,
+                               neg_lr, weight_decay, neg_lr_weight_decay,
                                lerp_coeff, beta2, one_minus_beta2, eps, step_ptr, clip_ptr,
-                               grad_scale, seed, tensor,
+                               grad_scale, seed, tensor, key,
                                MAXIMIZE, WEIGHT_DECAY, CLIP, LERP_FROM_END, HAS_GRAD_SCALE,
-                               STOCHASTIC)
+                               STOCHASTIC, QUANTIZED, REMAINDER_BITS)
 
 
 INTERPRETED = isinstance(_adopt_kernel, InterpretedFunction)
@@ -188,7 +237,10 @@ COMPILE_OPTIONS = {} if INTERPRETED else {"enable_fp_fusion": False}
 
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 PARAM_DTYPES = tuple(_TRITON_DTYPES)  # of real params and gradients
-STATE_DTYPES = (torch.float32, torch.bfloat16)  # of exp_avg and exp_avg_sq
+# of exp_avg and exp_avg_sq; int8 stands for 8-bit state (int8 m codes, uint8 sqrt(v) codes)
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
+_STATE_TRITON_DTYPES = {**_TRITON_DTYPES, torch.int8: tl.int8}
+REMAINDER_BITS = {torch.int16: 16, torch.int8: 8}  # of a master weight's remainder, by its dtype
 SEED_LIMIT = 2**31  # seeds are 32-bit kernel arguments
 
 
@@ -257,8 +309,11 @@ class Tables(NamedTuple):
 
 
 def _aligned(meta: torch.Tensor) -> torch.Tensor:
-    """1 where all of p, g, m, v of a row sit on 16-byte boundaries."""
-    return (meta[:, META_PARAM.value:META_EXP_AVG_SQ.value + 1] % 16 == 0).all(dim=1).long()
+    """1 where all of p, g, m, v and the remainder (if any) of a row sit on
+    16-byte boundaries."""
+    columns = [META_PARAM.value, META_GRAD.value, META_EXP_AVG.value, META_EXP_AVG_SQ.value,
+               META_REMAINDER.value]
+    return (meta[:, columns] % 16 == 0).all(dim=1).long()
 
 
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -269,10 +324,18 @@ def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+_ADDRESS_COLUMNS = [META_PARAM.value, META_GRAD.value, META_EXP_AVG.value, META_EXP_AVG_SQ.value,
+                    META_STEP.value, META_EXP_AVG_SCALE.value, META_EXP_AVG_SQ_SCALE.value,
+                    META_REMAINDER.value]
+
+
 def make_tables(numels: Sequence[int], addresses: Sequence[Sequence[int]],
-                device: torch.device) -> Tables:
+                device: torch.device, keys: Optional[Sequence[int]] = None) -> Tables:
     """Tables for tensors of ``numels`` elements whose p, g, m, v and step
-    count live at ``addresses`` (five per tensor)."""
+    count live at ``addresses`` (five per tensor), followed for compact
+    storage by those of m's and v's block maxima and the param's remainder
+    (eight per tensor, 0 where absent). ``keys``: each tensor's random
+    stream (default: its row)."""
     block_size = settings().block_size
     numel = torch.tensor(numels, dtype=torch.int64)
     n_blocks = (numel + block_size - 1) // block_size
@@ -280,7 +343,9 @@ def make_tables(numels: Sequence[int], addresses: Sequence[Sequence[int]],
     meta = torch.zeros(len(numels), META_COLUMNS.value, dtype=torch.int64)
     meta[:, META_FIRST_BLOCK.value] = first_block
     meta[:, META_NUMEL.value] = numel
-    meta[:, META_PARAM.value:META_STEP.value + 1] = torch.tensor(addresses, dtype=torch.int64).reshape(-1, 5)
+    rows = torch.tensor(addresses, dtype=torch.int64).reshape(len(numels), -1)
+    meta[:, _ADDRESS_COLUMNS[:rows.shape[1]]] = rows
+    meta[:, META_KEY.value] = torch.arange(len(numels)) if keys is None else torch.tensor(keys, dtype=torch.int64)
     meta[:, META_ALIGNED.value] = _aligned(meta)
     block_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), n_blocks)
     return Tables(_to_device(meta, device), _to_device(block_tensor, device), block_size, meta)
@@ -311,17 +376,19 @@ class Variant(NamedTuple):
     lr_on_device: bool
     grad_scale: bool
     found_inf: bool
-    stochastic: bool
+    stochastic: bool          # bf16 stores (param, bf16 state, 24-bit master) round stochastically
+    remainder_bits: int = 0   # master weights: 16 (32-bit master) or 8 (24-bit) bits beside the param
 
     def constexprs(self, block_size: int) -> Dict[str, object]:
-        values = (_TRITON_DTYPES[self.dtype], _TRITON_DTYPES[self.state_dtype], *self[2:], block_size)
+        values = (_TRITON_DTYPES[self.dtype], _STATE_TRITON_DTYPES[self.state_dtype], *self[2:], block_size)
         return dict(zip(_CONSTEXPRS, values))
 
 
 # The kernel's arguments: its runtime arguments, then these constexprs in this
 # order (the direct launch below passes them all positionally).
 _CONSTEXPRS = ("DTYPE", "STATE_DTYPE", "MAXIMIZE", "WEIGHT_DECAY", "CLIP", "LERP_FROM_END",
-               "LR_ON_DEVICE", "HAS_GRAD_SCALE", "HAS_FOUND_INF", "STOCHASTIC", "BLOCK_SIZE")
+               "LR_ON_DEVICE", "HAS_GRAD_SCALE", "HAS_FOUND_INF", "STOCHASTIC", "REMAINDER_BITS",
+               "BLOCK_SIZE")
 assert tuple(_adopt_kernel.arg_names[-len(_CONSTEXPRS):]) == _CONSTEXPRS, "kernel and Variant disagree"
 
 # One compiled kernel per (device, variant, block size, warps): later launches

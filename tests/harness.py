@@ -43,6 +43,11 @@ def fresh_state(params: Sequence[torch.Tensor], dtype=None) -> Tensors:
                    [torch.tensor(0.0, device=p.device) for p in params])
 
 
+def clone_tensors(tensors: Tensors, device=None) -> Tensors:
+    """Detached copies of every tensor of ``tensors`` (on ``device`` if given)."""
+    return tensors.map_tensors(lambda t: t.detach().to(device or t.device).clone())
+
+
 class ReferenceRun:
     """The eager reference stepping CPU copies of some params: the expected
     values of a run. ``step(grads, hyper, active)`` steps the tensors listed

@@ -63,7 +63,8 @@ def test_compiled_step_fullgraph_matches_eager_and_lr_changes_do_not_recompile(
 def test_fused_op_is_registered_with_its_mutations():
     op = torch.ops.adopt_triton.fused_adopt_.default
     mutated = [a.name for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
-    assert mutated == ["params", "exp_avgs", "exp_avg_sqs", "state_steps"]
+    assert mutated == ["params", "exp_avgs", "exp_avg_sqs", "state_steps", "exp_avg_scales",
+                       "exp_avg_sq_scales", "remainders"]
 
 
 def test_the_custom_clip_rounds_the_same_with_or_without_an_fma():

@@ -5,7 +5,7 @@ import torch
 
 from adopt_triton import ADOPT, Tensors, dispatch, reference
 from adopt_triton import foreach as foreach_module
-from harness import SIZES, hyper, wide_grad
+from harness import SIZES, clone_tensors, hyper, wide_grad
 
 HYPER = hyper(betas=(0.9, 0.999), weight_decay=0.05, maximize=True)
 
@@ -19,7 +19,7 @@ def fresh(shapes):
 @pytest.mark.parametrize("decouple", [False, True])
 def test_foreach_matches_the_reference(decouple):
     ours = fresh(SIZES)
-    ref = Tensors(*([t.clone() if t is not None else None for t in column] for column in ours))
+    ref = clone_tensors(ours)
     specials = torch.tensor([float("nan"), float("inf"), -float("inf")])
     for step in range(12):
         grads = [wide_grad(s) for s in SIZES]

@@ -13,7 +13,7 @@ import torch
 
 from adopt_triton import Tensors, adopt, reference
 from adopt_triton.common import default_clip_lambda
-from harness import SIZES, assert_bitwise_equal, hyper, wide_grad
+from harness import SIZES, assert_bitwise_equal, clone_tensors, hyper, wide_grad
 
 STEPS = 12
 CLIPS = {"default_clip": default_clip_lambda,  # computed in the kernel
@@ -33,8 +33,7 @@ def make_state(shape, device):
 
 
 def cpu_copy(state):
-    return Tensors(*([t.detach().cpu().clone() if t is not None else None for t in column]
-                     for column in state))
+    return clone_tensors(state, "cpu")
 
 
 def step_both(kernel_state, ref_state, grad, h):

@@ -230,7 +230,6 @@ def test_bf16_state_with_a_beta2_near_one_warns_unless_stochastic():
     (dict(state_dtype=torch.float16), ValueError, "Invalid state_dtype: torch.float16"),
     (dict(state_dtype=torch.bfloat16, params=lambda: [torch.randn(3, dtype=torch.complex64)]),
      ValueError, "state_dtype=torch.bfloat16 needs real parameters"),
-    (dict(bf16_stochastic_round=True, fused=False), RuntimeError, "bf16_stochastic_round=True runs in the fused kernel"),
 ])
 def test_precision_options_reject_bad_combinations(kwargs, error, message):
     params = kwargs.pop("params", lambda: [torch.nn.Parameter(torch.randn(3).to(torch.bfloat16))])()

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from adopt_triton import ADOPT, Tensors, adopt as functional_adopt
-from harness import ReferenceRun, assert_bitwise_equal, assert_matches_reference, hyper, through_disk, wide_grad
+from harness import (ReferenceRun, assert_bitwise_equal, assert_matches_reference, clone_tensors, hyper,
+                     through_disk, wide_grad)
 
 HYPER = hyper(betas=(0.9, 0.999), weight_decay=0.01)
 
@@ -25,7 +26,7 @@ def state_for(sizes, device):
 def test_300_tensors_in_one_launch_equal_one_launch_per_tensor(kernel_device, launches):
     sizes = mixed_sizes(300)
     together = state_for(sizes, kernel_device)
-    alone = Tensors(*([t.clone() if t is not None else None for t in column] for column in together))
+    alone = clone_tensors(together)
     for step in range(10):
         grads = [wide_grad((n,), kernel_device) for n in sizes]
         functional_adopt(together._replace(grads=grads), HYPER, fused=True)

@@ -111,7 +111,7 @@ def test_signature_matches_torch_adopt():
     assert list(ours)[:len(theirs)] == list(theirs)
     extra = {name: ours[name] for name in list(ours)[len(theirs):]}
     assert {name: p.default for name, p in extra.items()} == dict(
-        state_dtype=None, bf16_stochastic_round=False, stochastic_round_seed=None)
+        state_dtype=None, master_weight_bits=None, bf16_stochastic_round=False, stochastic_round_seed=None)
     assert all(p.kind == inspect.Parameter.KEYWORD_ONLY for p in extra.values())
     for name in theirs:
         assert ours[name].kind == theirs[name].kind, name
