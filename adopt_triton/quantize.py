@@ -26,8 +26,9 @@ element:
   scale and leaves the codes as they are: power-of-two or bf16 scales, which
   stay put, measured 1.4-1.5x larger errors.
 * A block whose maximum is not finite stores codes 0 and decodes as NaN
-  throughout (a NaN or Inf spreads to its 64-element block). A block whose
-  maximum is below ~2e-36 (255 / absmax overflows) stores zeros.
+  throughout (a NaN or Inf spreads to its 64-element block). In a block
+  whose maximum is below ~1e-36 (255 / absmax overflows float32) every
+  nonzero value decodes as about the maximum.
 
 Master weights (``master_weight_bits``, bf16 params): the float32 master's
 high 16 bits are the bf16 param (rounded to nearest, ties away from zero:
@@ -52,6 +53,7 @@ biases and norm gains are sensitive and cost little memory."""
 EXP_AVG_LEVELS = 127
 EXP_AVG_SQ_LEVELS = 255
 MASTER_WEIGHT_BITS = (24, 32)
+_FLOAT32_MAX = 3.4028234663852886e38
 
 _MASK32 = 0xFFFFFFFF
 
@@ -181,8 +183,9 @@ def block_absmax(flat: Tensor) -> Tensor:
     return magnitude.amax(dim=1).view(torch.float32)
 
 
-def _finite(x: Tensor) -> Tensor:
-    return x.abs() < float("inf")
+def _finite_blocks(code: Tensor, absmax: Tensor) -> Tensor:
+    """Codes 0 throughout a block whose maximum is not finite."""
+    return torch.where(_per_element(absmax.abs() <= _FLOAT32_MAX, code.numel()), code, 0.0)
 
 
 def encode_exp_avg(exp_avg: Tensor):
@@ -190,8 +193,8 @@ def encode_exp_avg(exp_avg: Tensor):
     absmax = block_absmax(exp_avg)
     inverse = _per_element(1.0 / absmax, exp_avg.numel())
     scaled = torch.sqrt((exp_avg.abs() * inverse).double()).float() * EXP_AVG_LEVELS
-    code = torch.floor(scaled + 0.5).clamp(max=EXP_AVG_LEVELS)
-    code = torch.where(_finite(scaled), code, 0.0)
+    scaled = torch.where(scaled == scaled, scaled, 0.0)  # 0 * inf in an all-zero block
+    code = _finite_blocks(torch.floor(scaled + 0.5).clamp(max=EXP_AVG_LEVELS), absmax)
     return torch.where(exp_avg < 0, -code, code).to(torch.int8), absmax
 
 
@@ -208,11 +211,11 @@ def encode_sqrt_exp_avg_sq(root: Tensor, random16=None):
     absmax = block_absmax(root)
     inverse = _per_element(EXP_AVG_SQ_LEVELS / absmax, root.numel())
     scaled = root * inverse
+    scaled = torch.where(scaled == scaled, scaled, 0.0)  # 0 * inf in an all-zero block
     fraction = 0.5 if random16 is None else (random16 & 0xFFFF).to(torch.float32) * 2.0**-16
     code = torch.floor(scaled + fraction).clamp(max=EXP_AVG_SQ_LEVELS)
     code = torch.where((code == 0) & (root > 0), 1.0, code)
-    code = torch.where(_finite(scaled), code, 0.0)
-    return code.to(torch.uint8), absmax
+    return _finite_blocks(code, absmax).to(torch.uint8), absmax
 
 
 def decode_sqrt_exp_avg_sq(codes: Tensor, absmax: Tensor) -> Tensor:

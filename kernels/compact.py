@@ -98,8 +98,9 @@ def store_exp_avg(codes_ptr, scale_ptr, offsets, mask, scale_offsets, scale_mask
     absmax = block_absmax(exp_avg, mask)
     inverse = tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32), absmax)[:, None]
     scaled = tl.sqrt_rn(tl.abs(exp_avg) * inverse) * EXP_AVG_LEVELS
+    scaled = tl.where(scaled == scaled, scaled, 0.0)  # 0 * inf in an all-zero block
     code = tl.minimum(tl.floor(scaled + 0.5), EXP_AVG_LEVELS)
-    code = tl.where(tl.abs(scaled) <= FLOAT32_MAX, code, 0.0)
+    code = tl.where(absmax[:, None] <= FLOAT32_MAX, code, 0.0)  # a non-finite block: codes 0
     code = tl.where(exp_avg < 0, -code, code)
     tl.store(codes_ptr + offsets, code.to(tl.int8), mask=mask)
     tl.store(scale_ptr + scale_offsets, absmax, mask=scale_mask)
@@ -113,9 +114,10 @@ def store_sqrt_exp_avg_sq(codes_ptr, scale_ptr, offsets, mask, scale_offsets, sc
     absmax = block_absmax(root, mask)
     inverse = tl.div_rn(tl.full(absmax.shape, EXP_AVG_SQ_LEVELS, tl.float32), absmax)[:, None]
     scaled = root * inverse
+    scaled = tl.where(scaled == scaled, scaled, 0.0)  # 0 * inf in an all-zero block
     fraction = random16.to(tl.float32) * 0.0000152587890625  # 2**-16
     code = tl.minimum(tl.floor(scaled + fraction), EXP_AVG_SQ_LEVELS)
     code = tl.where((code == 0) & (root > 0), 1.0, code)
-    code = tl.where(tl.abs(scaled) <= FLOAT32_MAX, code, 0.0)
+    code = tl.where(absmax[:, None] <= FLOAT32_MAX, code, 0.0)  # a non-finite block: codes 0
     tl.store(codes_ptr + offsets, code.to(tl.uint8), mask=mask)
     tl.store(scale_ptr + scale_offsets, absmax, mask=scale_mask)

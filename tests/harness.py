@@ -131,7 +131,7 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str
     nan = a.isnan()
     assert torch.equal(nan, b.isnan()), f"{what}: NaNs in different places"
     a, b = a.masked_fill(nan, 0), b.masked_fill(nan, 0)
-    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    as_int = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
     same = a.view(as_int) == b.view(as_int)
     assert bool(same.all()), (f"{what}: {int((~same).sum())} of {a.numel()} elements differ, "
                               f"up to {ulp_diff(a.float(), b.float())} float32 ulp")
