@@ -60,6 +60,39 @@ def test_compiled_step_fullgraph_matches_eager_and_lr_changes_do_not_recompile(
             assert_bitwise_equal(compiled_opt.state[a][key], eager_opt.state[b][key], key)
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_step_with_8bit_state_and_master_weights_matches_eager(kernel_device, backend):
+    """The compact columns (block maxima of the quantised tensors only,
+    remainders, random-stream keys) go through the traced step and the op."""
+    torch._dynamo.reset()
+    options = dict(lr=1e-2, fused=True, state_dtype=torch.int8, master_weight_bits=24,
+                   bf16_stochastic_round=True, stochastic_round_seed=9)
+    shapes = [(17,), (64, 65), (4099,)]  # the first keeps float32 state
+    gen = torch.Generator().manual_seed(7)
+    start = [torch.randn(s, generator=gen).to(torch.bfloat16) for s in shapes]
+    compiled_params, eager_params = ([torch.nn.Parameter(t.clone().to(kernel_device)) for t in start]
+                                     for _ in range(2))
+    compiled_opt, eager_opt = ADOPT(compiled_params, **options), ADOPT(eager_params, **options)
+    counter = CompileCounterWithBackend(backend)
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def compiled_step():
+        compiled_opt.step()
+    for step in range(10):
+        for a, b in zip(compiled_params, eager_params):
+            a.grad = wide_grad(a.shape, kernel_device).to(torch.bfloat16)
+            b.grad = a.grad.clone()
+        compiled_step()
+        eager_opt.step()
+    assert counter.frame_count <= 2
+    for a, b in zip(compiled_params, eager_params):
+        assert_bitwise_equal(a, b, "param")
+        assert compiled_opt.state[a].keys() == eager_opt.state[b].keys()
+        for key, value in eager_opt.state[b].items():
+            assert_bitwise_equal(compiled_opt.state[a][key], value, key)
+    assert compiled_opt.state[compiled_params[1]]["exp_avg"].dtype == torch.int8
+
+
 def test_fused_op_is_registered_with_its_mutations():
     op = torch.ops.adopt_triton.fused_adopt_.default
     mutated = [a.name for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
