@@ -61,23 +61,30 @@ _MASK32 = 0xFFFFFFFF
 # ----------------------------------------------------------------- random bits
 def _mul_hi_lo(a: int, b: Tensor):
     """(high, low) 32-bit words of the 64-bit product of the 32-bit constant
-    ``a`` and 32-bit values ``b`` (int64 tensors), without int64 overflow."""
-    a_hi, a_lo = a >> 16, a & 0xFFFF
-    low_part, high_part = b * a_lo, b * a_hi  # each < 2**48
-    low_sum = low_part + ((high_part & 0xFFFF) << 16)
-    return (high_part >> 16) + (low_sum >> 32), low_sum & _MASK32
+    ``a`` and 32-bit values ``b`` (int64 tensors): multiplied as uint64, whose
+    overflow is defined (none here: the product is below 2**64)."""
+    product = (b.view(torch.uint64) * a).view(torch.int64)
+    return (product >> 32) & _MASK32, product & _MASK32
 
 
-def philox(seed: int, c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor):
+_PHILOX_CHUNK = 1 << 16  # counters per pass: the working set stays in cache
+
+
+def philox(seed: int, c0: Tensor, c1: Tensor, c2, c3):
     """Philox-4x32-10 as ``tl.philox(seed, c0, c1, c2, c3)`` computes it
     (32-bit counters, a seed below 2**32): four int64 tensors of 32-bit words."""
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64, device=c0.device) & _MASK32
+                      for c in (c0, c1, c2, c3))
+    c0, c1, c2, c3 = (t.contiguous() for t in torch.broadcast_tensors(c0, c1, c2, c3))
+    if c0.numel() > _PHILOX_CHUNK:
+        parts = [philox(seed, *(t[i:i + _PHILOX_CHUNK] for t in (c0, c1, c2, c3)))
+                 for i in range(0, c0.numel(), _PHILOX_CHUNK)]
+        return tuple(torch.cat(words) for words in zip(*parts))
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) & _MASK32 for c in (c0, c1, c2, c3))
-    c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
     for _ in range(10):
         hi_b, lo_b = _mul_hi_lo(0xCD9E8D57, c2)
         hi_a, lo_a = _mul_hi_lo(0xD2511F53, c0)
-        c0, c2, c1, c3 = hi_b ^ c1 ^ k0, hi_a ^ c3 ^ k1, lo_b, lo_a
+        c0, c2, c1, c3 = hi_b.bitwise_xor_(c1).bitwise_xor_(k0), hi_a.bitwise_xor_(c3).bitwise_xor_(k1), lo_b, lo_a
         k0, k1 = (k0 + 0x9E3779B9) & _MASK32, (k1 + 0xBB67AE85) & _MASK32
     return c0, c1, c2, c3
 

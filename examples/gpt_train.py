@@ -113,3 +113,152 @@ class GPT(torch.nn.Module):
 
     def loss(self, ids, targets):
         return F.cross_entropy(self(ids).float().flatten(0, 1), targets.flatten())
+
+
+# ------------------------------------------------------------------ the runs
+RUNS = {
+    "adopt_fp32_state": dict(param_dtype=torch.float32, options={}),
+    "adopt_bf16_state": dict(param_dtype=torch.float32,
+                             options=dict(state_dtype=torch.bfloat16, bf16_stochastic_round=True)),
+    "adopt_8bit_state": dict(param_dtype=torch.float32, options=dict(state_dtype=torch.int8)),
+    "adopt_bf16_8bit_master24": dict(param_dtype=torch.bfloat16,
+                                     options=dict(state_dtype=torch.int8, master_weight_bits=24)),
+    "adamw_fused": dict(param_dtype=torch.float32, adamw=True, options={}),
+}
+
+
+def make_optimizer(name, model, args):
+    run = RUNS[name]
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    other = [p for n, p in model.named_parameters() if p.dim() < 2]
+    groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=other, weight_decay=0.0)]
+    if run.get("adamw"):
+        return torch.optim.AdamW(groups, lr=args.lr, fused=True)
+    return ADOPT(groups, lr=args.lr, decouple=True, stochastic_round_seed=args.seed, **run["options"])
+
+
+def bytes_per_parameter(model, optimizer) -> float:
+    """Param bytes plus optimizer state bytes (everything but step counts), per parameter."""
+    params = list(model.parameters())
+    state = sum(t.nbytes for p in params for key, t in optimizer.state[p].items()
+                if torch.is_tensor(t) and key != "step")
+    return (sum(p.nbytes for p in params) + state) / sum(p.numel() for p in params)
+
+
+def learning_rate(step, args):
+    """Linear warm-up over the first 5% of steps, then cosine decay to a tenth."""
+    warmup = max(1, args.steps // 20)
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, args.steps - warmup)
+    return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def validation_loss(model, corpus, args):
+    gen = torch.Generator().manual_seed(12345)  # the same batches at every evaluation, for every run
+    model.eval()
+    losses = [float(model.loss(*Corpus.batch(corpus.val, args.batch, args.context, gen, args.device)))
+              for _ in range(args.eval_batches)]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def train(name, corpus, args):
+    torch.manual_seed(args.seed)  # the same initial weights for every run
+    model = GPT(corpus.vocab_size, args.context, args.dim, args.layers, args.heads).to(args.device)
+    model = model.to(RUNS[name]["param_dtype"])
+    optimizer = make_optimizer(name, model, args)
+    gen = torch.Generator().manual_seed(args.seed)  # the same training batches for every run
+    rows, interval, start = [], [], time.perf_counter()
+    for step in tqdm(range(args.steps), desc=name, mininterval=5, file=sys.stdout):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args)
+        loss = model.loss(*Corpus.batch(corpus.train, args.batch, args.context, gen, args.device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        interval.append(loss.item())
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            rows.append(dict(run=name, step=step + 1, train_loss=sum(interval) / len(interval),
+                             val_loss=validation_loss(model, corpus, args),
+                             seconds=time.perf_counter() - start))
+            interval = []
+    return rows, bytes_per_parameter(model, optimizer), time.perf_counter() - start
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for name in dict.fromkeys(r["run"] for r in rows):
+        points = [r for r in rows if r["run"] == name]
+        for axis, key in zip(axes, ("train_loss", "val_loss")):
+            axis.plot([r["step"] for r in points], [r[key] for r in points], label=name)
+    for axis, title in zip(axes, ("training loss (mean over each interval)", "validation loss")):
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("cross-entropy (nats per character)")
+    axes[1].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ", ".join(RUNS))
+    parser.add_argument("--steps", type=int, default=None, help="default: 500 on CPU, 5000 on CUDA")
+    parser.add_argument("--layers", type=int, default=None, help="default: 4 on CPU, 6 on CUDA")
+    parser.add_argument("--dim", type=int, default=None, help="default: 128 on CPU, 384 on CUDA")
+    parser.add_argument("--heads", type=int, default=None, help="default: 4 on CPU, 6 on CUDA")
+    parser.add_argument("--context", type=int, default=None, help="default: 128 on CPU, 256 on CUDA")
+    parser.add_argument("--batch", type=int, default=None, help="default: 32 on CPU, 64 on CUDA")
+    parser.add_argument("--corpus-chars", type=int, default=None, help="default: 2M on CPU, 20M on CUDA")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--eval-every", type=int, default=None, help="default: steps / 20")
+    parser.add_argument("--eval-batches", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="examples/out")
+    args = parser.parse_args()
+    cuda = args.device.startswith("cuda")
+    defaults = dict(steps=(5000, 500), layers=(6, 4), dim=(384, 128), heads=(6, 4), context=(256, 128),
+                    batch=(64, 32), corpus_chars=(20_000_000, 2_000_000))
+    for key, (gpu, cpu) in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, gpu if cuda else cpu)
+    args.eval_every = args.eval_every or max(1, args.steps // 20)
+    names = args.runs.split(",")
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        parser.error(f"unknown runs {unknown}; choose from {list(RUNS)}")
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = Corpus(args.corpus_chars)
+    print(f"corpus: {len(corpus.train) + len(corpus.val)} characters of the Python {sys.version.split()[0]} "
+          f"standard library, {corpus.vocab_size} symbols; {args.steps} steps of {args.batch} x {args.context}")
+    rows, summary = [], []
+    for name in names:
+        run_rows, per_param, seconds = train(name, corpus, args)
+        rows += run_rows
+        summary.append(dict(run=name, bytes_per_param=round(per_param, 3), final_val_loss=run_rows[-1]["val_loss"],
+                            seconds=round(seconds, 1)))
+        print(f"{name:26s} {per_param:6.2f} B/param  final validation loss {run_rows[-1]['val_loss']:.4f}  "
+              f"({seconds:.0f} s)")
+    reference = next((s["final_val_loss"] for s in summary if s["run"] == "adopt_fp32_state"), None)
+    for s in summary:
+        s["vs_fp32_state_pct"] = None if reference is None else round(100 * (s["final_val_loss"] / reference - 1), 2)
+    for path, table in ((out / "gpt_train.csv", rows), (out / "gpt_train_summary.csv", summary)):
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+    plot(rows, out / "gpt_train.png")
+    print(f"wrote {out / 'gpt_train.csv'}, {out / 'gpt_train_summary.csv'}, {out / 'gpt_train.png'}")
+
+
+if __name__ == "__main__":
+    main()
