@@ -6,6 +6,8 @@
 Achieved GB/s = bytes moved / median time, with the byte model of common.py
 (update step: 28 B/element in fp32, 22 with bf16 or fp16 params and fp32
 state, 20 with fp32 params and bf16 state, 14 with bf16 params and state;
+16.25 with fp32 params and 8-bit state, 10.25 with bf16 params, 12.25 with a
+24-bit master's remainder too;
 first step: read g, write v, 8 B/element), next to a device-to-device copy of
 the same byte count measured in the same run. Rows go to
 bench/results/<device>-<date>.json (case "kernel_sweep", and "block_sweep"
@@ -30,11 +32,13 @@ class Mode(NamedTuple):
     state_dtype: torch.dtype  # exp_avg and exp_avg_sq
     step: float               # the step count the kernel sees: 0 is the first-step case
     stochastic: bool          # bf16 stores with stochastic rounding
-    bytes_per_element: int
+    bytes_per_element: float
+    remainder_bits: int = 0   # master weights: 16 (32-bit master) or 8 (24-bit) beside a bf16 param
 
 
-def _update(dtype, state_dtype=torch.float32, stochastic=False):
-    return Mode(dtype, state_dtype, 1.0, stochastic, common.update_bytes_per_element(dtype, state_dtype))
+def _update(dtype, state_dtype=torch.float32, stochastic=False, remainder_bits=0):
+    return Mode(dtype, state_dtype, 1.0, stochastic,
+                common.update_bytes_per_element(dtype, state_dtype, remainder_bits), remainder_bits)
 
 
 # Every variant the kernel has (param dtype x state dtype x rounding), and the first step.
@@ -45,6 +49,9 @@ MODES = {
     "update_fp32_bf16_state": _update(torch.float32, torch.bfloat16),
     "update_bf16_state": _update(torch.bfloat16, torch.bfloat16),
     "update_bf16_state_stochastic": _update(torch.bfloat16, torch.bfloat16, stochastic=True),
+    "update_8bit_state": _update(torch.float32, torch.int8),
+    "update_bf16_8bit_state": _update(torch.bfloat16, torch.int8),
+    "update_bf16_8bit_state_master24": _update(torch.bfloat16, torch.int8, remainder_bits=8),
     "first_step": Mode(torch.float32, torch.float32, 0.0, False,
                        common.first_step_bytes_per_element(torch.float32)),
 }
@@ -58,17 +65,32 @@ def kernel_call(numel, mode):
     spec = MODES[mode]
     param, grad = (torch.randn(numel, device=common.DEVICE).to(spec.dtype) for _ in range(2))
     exp_avg = torch.randn(numel, device=common.DEVICE).to(spec.state_dtype)
-    exp_avg_sq = torch.rand(numel, device=common.DEVICE).to(spec.state_dtype)
+    exp_avg_sq = torch.rand(numel, device=common.DEVICE).to(spec.state_dtype) if spec.state_dtype != torch.int8 \
+        else torch.randint(1, 256, (numel,), device=common.DEVICE, dtype=torch.uint8)  # codes of sqrt(v)
     step = torch.full((), spec.step, device=common.DEVICE)
-    tensors = (param, grad, exp_avg, exp_avg_sq, step)  # the tables hold their addresses only
-    tables = kernel.make_tables([numel], [[t.data_ptr() for t in tensors]], param.device)
+    tensors = (param, grad, exp_avg, exp_avg_sq, step) + compact_operands(numel, spec)
+    tables = kernel.make_tables([numel], [[t.data_ptr() for t in tensors]], param.device)  # addresses only
     scalars = kernel.StepScalars.make(lr=1e-3, beta1=0.9, beta2=0.9999, eps=1e-6, weight_decay=0.0)
     variant = kernel.Variant(spec.dtype, spec.state_dtype, False, kernel.NO_WEIGHT_DECAY, kernel.DEFAULT_CLIP,
-                             scalars.lerp_from_end, False, False, False, spec.stochastic)
+                             scalars.lerp_from_end, False, False, False, spec.stochastic, spec.remainder_bits)
 
     def launch(_keep_alive=tensors):
-        kernel.launch(tables, variant, scalars, seed=1234 if spec.stochastic else 0)
+        kernel.launch(tables, variant, scalars, seed=1234)
     return launch
+
+
+def compact_operands(numel, spec):
+    """8-bit state: random codes (exp_avg_sq's as uint8) and positive block
+    maxima; master weights: a remainder. Empty for the other modes."""
+    if spec.state_dtype != torch.int8 and not spec.remainder_bits:
+        return ()
+    blocks = -(-numel // 64)
+    device = common.DEVICE
+    maxima = [torch.rand(blocks, device=device) + 0.5 for _ in range(2)] if spec.state_dtype == torch.int8 \
+        else [torch.empty(0, device=device)] * 2
+    remainder = torch.zeros(numel, device=device, dtype=torch.int8 if spec.remainder_bits == 8 else torch.int16) \
+        if spec.remainder_bits else torch.empty(0, device=device)
+    return (*maxima, remainder)
 
 
 def current_launch_config():

@@ -33,11 +33,17 @@ RESULTS_DIR = pathlib.Path(os.environ.get("ADOPT_BENCH_RESULTS", pathlib.Path(__
 
 # Bytes moved per element of one step, by (param/grad dtype, state dtype):
 # update: read p, g, m, v + write p, m, v; first step: read g + write v.
-ELEMENT_SIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+# torch.int8 state: 8-bit codes of m and sqrt(v), plus their float32 block
+# maxima (one per 64 elements each, read and written: 0.25 B/element).
+ELEMENT_SIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.int8: 1}
+BLOCK_MAXIMA_BYTES = 2 * 2 * 4 / 64
 
 
-def update_bytes_per_element(param_dtype, state_dtype=torch.float32):
-    return 3 * ELEMENT_SIZE[param_dtype] + 4 * ELEMENT_SIZE[state_dtype]
+def update_bytes_per_element(param_dtype, state_dtype=torch.float32, remainder_bits=0):
+    """Read p, g, m, v and write p, m, v (+ block maxima for 8-bit state, + the
+    master weight's remainder read and written: 16 or 8 bits)."""
+    maxima = BLOCK_MAXIMA_BYTES if state_dtype == torch.int8 else 0
+    return 3 * ELEMENT_SIZE[param_dtype] + 4 * ELEMENT_SIZE[state_dtype] + maxima + remainder_bits // 4
 
 
 def first_step_bytes_per_element(param_dtype, state_dtype=torch.float32):
@@ -116,7 +122,7 @@ def median_ms(fn, repeats=None):
 def copy_bandwidth_gbps(n_bytes):
     """A device-to-device copy moving n_bytes in all (half read, half written),
     measured once per byte count."""
-    n = max(1, n_bytes // 8)
+    n = max(1, int(n_bytes) // 8)
     src, dst = torch.randn(n, device=DEVICE), torch.empty(n, device=DEVICE)
     return 8 * n / median_ms(lambda: dst.copy_(src)) / 1e6
 

@@ -5,7 +5,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from adopt_triton import ADOPT
+from adopt_triton import ADOPT, ADOPT8bit
 from common import SMOKE
 
 
@@ -67,6 +67,7 @@ IMPLEMENTATIONS: Dict[str, Callable[[], Callable]] = {
     "adopt_triton_fused": lambda: lambda params: ADOPT(params, fused=True),
     "adopt_triton_fused_bf16_state": lambda: lambda params: ADOPT(
         params, fused=True, state_dtype=torch.bfloat16, bf16_stochastic_round=True),
+    "adopt_triton_fused_8bit_state": lambda: lambda params: ADOPT8bit(params, fused=True),
     "torch_adopt_foreach": lambda: _torch_adopt(True),
     "torch_adamw_fused": lambda: lambda params: torch.optim.AdamW(params, fused=True),
     "torch_adamw_foreach": lambda: lambda params: torch.optim.AdamW(params, foreach=True),
