@@ -222,8 +222,12 @@ def main():
     parser.add_argument("--eval-every", type=int, default=None, help="default: steps / 20")
     parser.add_argument("--eval-batches", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's); 1 is faster on a CPU shared with other jobs")
     parser.add_argument("--out", default="examples/out")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     defaults = dict(steps=(5000, 500), layers=(6, 4), dim=(384, 128), heads=(6, 4), context=(256, 128),
                     batch=(64, 32), corpus_chars=(20_000_000, 2_000_000))

@@ -126,8 +126,12 @@ def main():
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--ablations", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's); 1 is faster on a CPU shared with other jobs")
     parser.add_argument("--out", default="examples/out")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     corpus = Corpus(2_000_000)
     model = GPT(corpus.vocab_size, args.context, args.dim, args.layers, 4)

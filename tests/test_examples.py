@@ -136,3 +136,34 @@ def test_resnet_training_rejects_bad_data_directories(tmp_path, dataset, layout,
     result = run_example(RESNET + ["--dataset", dataset, "--data", str(data), "--out", str(tmp_path)], tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert message in result.stderr and str(data) in result.stderr
+
+
+def test_gpt_train_smoke(tmp_path):
+    """Every run of the memory comparison, a few steps of a tiny model: CSV,
+    summary (bytes per parameter as the formats promise) and plot."""
+    result = run_example(["examples/gpt_train.py", "--steps", "6", "--eval-every", "3", "--eval-batches", "2",
+                          "--dim", "64", "--layers", "1", "--heads", "2", "--context", "16", "--batch", "4",
+                          "--corpus-chars", "50000", "--threads", "1", "--out", str(tmp_path)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_csv(tmp_path / "gpt_train.csv")
+    runs = ["adopt_fp32_state", "adopt_bf16_state", "adopt_8bit_state", "adopt_bf16_8bit_master24", "adamw_fused"]
+    assert [r["run"] for r in rows] == [name for name in runs for _ in range(2)]
+    assert all(0 < float(r["val_loss"]) < 10 and 0 < float(r["train_loss"]) < 10 for r in rows)
+    summary = {r["run"]: r for r in read_csv(tmp_path / "gpt_train_summary.csv")}
+    per_param = {name: float(summary[name]["bytes_per_param"]) for name in runs}
+    assert per_param["adopt_fp32_state"] == per_param["adamw_fused"] == 12.0
+    assert per_param["adopt_bf16_state"] == 8.0
+    # 8-bit state on the tensors of >= 4096 elements; the small ones keep float32 state
+    assert 6.1 < per_param["adopt_8bit_state"] < 8.0
+    assert abs(per_param["adopt_bf16_8bit_master24"] - (per_param["adopt_8bit_state"] - 1.0)) < 0.002
+    assert float(summary["adopt_fp32_state"]["vs_fp32_state_pct"]) == 0.0
+    assert (tmp_path / "gpt_train.png").stat().st_size > 0
+
+
+def test_state_error_smoke(tmp_path):
+    result = run_example(["examples/state_error.py", "--steps", "4", "--dim", "64", "--layers", "1",
+                          "--context", "16", "--batch", "4", "--threads", "1", "--out", str(tmp_path)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["state"]: r for r in read_csv(tmp_path / "state_error.csv")}
+    assert set(rows) == {"8-bit (ADOPT8bit)", "bf16, to nearest", "bf16, stochastic"}
+    assert 0 < float(rows["8-bit (ADOPT8bit)"]["sqrt_v_median"]) < 0.05
