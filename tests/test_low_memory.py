@@ -258,3 +258,17 @@ def test_tiny_sqrt_v_beside_a_large_one_does_not_blow_up_the_update():
     codes = opt.state[param]["exp_avg_sq"]
     assert (codes[1:64] == 1).all() and (codes[::64] == 255).all()
     assert float(param.detach().abs().max()) <= 10 * 1e-3
+
+
+def test_a_deep_copy_keeps_the_formats_and_steps_like_the_original():
+    import copy
+    params = make_params(torch.bfloat16)
+    opt = ADOPT8bit(params, lr=1e-2, master_weight_bits=24)
+    train(opt, params, gradients(3, torch.bfloat16))
+    twin_params, twin = copy.deepcopy((params, opt))
+    assert (twin.state_dtype, twin.master_weight_bits, twin.stochastic_round_seed) == \
+        (torch.int8, 24, opt.stochastic_round_seed)
+    more = gradients(3, torch.bfloat16, seed=8)
+    train(opt, params, more)
+    train(twin, twin_params, more)
+    assert_same_state(opt, params, twin, twin_params)
