@@ -6,7 +6,6 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from adopt_triton import dispatch, fused as fused_path, quantize, state as state_format
@@ -245,26 +244,10 @@ class ADOPT(Optimizer):
             group = self.param_groups[-1]
             _check_hyperparameters(group)
             for param in group["params"]:
-                self._check_storage_options(group, param)
+                state_format.check_options(self.state_dtype, self.master_weight_bits, group, param)
         except (ValueError, RuntimeError):
             self.param_groups.pop()
             raise
-
-    def _check_storage_options(self, group: dict, param: Tensor) -> None:
-        """state_dtype and master_weight_bits against one parameter."""
-        compact = self.state_dtype == torch.int8 or self.master_weight_bits is not None
-        if self.state_dtype is not None and param.is_complex():
-            raise ValueError(f"state_dtype={self.state_dtype} needs real parameters, got {param.dtype}")
-        if self.master_weight_bits is not None and param.dtype != torch.bfloat16:
-            raise ValueError(f"master_weight_bits={self.master_weight_bits} keeps the low bits of bf16 "
-                             f"params beside them; got a {param.dtype} parameter of shape "
-                             f"{tuple(param.shape)} (a float32 param is its own master weight)")
-        if compact and group["differentiable"]:
-            raise ValueError("differentiable=True does not support state_dtype=torch.int8 or "
-                             "master_weight_bits (their state is integer codes)")
-        if compact and isinstance(param, DTensor):
-            raise ValueError("state_dtype=torch.int8 and master_weight_bits do not support DTensor "
-                             "parameters (FSDP2) yet")
 
     def master_weight(self, param: Tensor) -> Tensor:
         """The float32 master weight of ``param``: the bf16 param joined with

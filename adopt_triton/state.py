@@ -17,11 +17,30 @@ from typing import Dict, Optional
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from adopt_triton import quantize
 from adopt_triton.common import memory_order
 
 EXP_AVG_SCALE, EXP_AVG_SQ_SCALE, REMAINDER = "exp_avg_scale", "exp_avg_sq_scale", "param_remainder"
+
+
+def check_options(state_dtype: Optional[torch.dtype], master_weight_bits: Optional[int], group: dict,
+                  param: Tensor) -> None:
+    """``state_dtype`` and ``master_weight_bits`` against one parameter of a group."""
+    compact = state_dtype == torch.int8 or master_weight_bits is not None
+    if state_dtype is not None and param.is_complex():
+        raise ValueError(f"state_dtype={state_dtype} needs real parameters, got {param.dtype}")
+    if master_weight_bits is not None and param.dtype != torch.bfloat16:
+        raise ValueError(f"master_weight_bits={master_weight_bits} keeps the low bits of bf16 params "
+                         f"beside them; got a {param.dtype} parameter of shape {tuple(param.shape)} "
+                         "(a float32 param is its own master weight)")
+    if compact and group["differentiable"]:
+        raise ValueError("differentiable=True does not support state_dtype=torch.int8 or "
+                         "master_weight_bits (their state is integer codes)")
+    if compact and isinstance(param, DTensor):
+        raise ValueError("state_dtype=torch.int8 and master_weight_bits do not support DTensor "
+                         "parameters (FSDP2) yet")
 
 
 def quantized(param: Tensor, state_dtype: torch.dtype) -> bool:

@@ -18,6 +18,14 @@ registers. Each tensor's own count picks its case and clip value, so tensors
 whose first gradient came late are right, and no host synchronisation is
 needed (CUDA graphs).
 
+Compact storage, as constexpr variants of the same body (helpers in
+``compact.py``): 8-bit state (``STATE_DTYPE`` int8: m and sqrt(v) as codes
+with float32 block maxima, handled as one tile row per 64-element block,
+decoded, updated and re-encoded in registers) and master weights
+(``REMAINDER_BITS``: bf16 param + remainder joined to float32 on load, split
+on store). Their rounding uses Philox bits keyed like the bf16 stochastic
+rounding, on the tensor's key (its index in the optimizer) in ``meta``.
+
 Numerics follow ``adopt_triton.reference`` operation for operation: the same
 fused multiply-adds (``tl.fma`` where ATen's vectorised CPU kernels use one),
 correctly rounded ``sqrt_rn``/``div_rn``, NaN-propagating max/clamp, and
@@ -25,7 +33,6 @@ hyper-parameters pre-rounded to float32 on the host (``StepScalars``), so the
 kernel is bit-exact to the reference on the CPU interpreter and on the GPU.
 """
 import os
-import struct
 from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -33,6 +40,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from .scalars import StepScalars, f32  # noqa: F401  (kernel.f32, kernel.StepScalars)
 from .compact import (EXP_AVG_DIVISOR, EXP_AVG_SQ_LEVELS, QUANT_BLOCK, decode_exp_avg, load_master,
                       load_scales, random_words, store_exp_avg, store_master, store_sqrt_exp_avg_sq)
 
@@ -260,43 +268,6 @@ def settings() -> Settings:
     if _SETTINGS_OVERRIDE is not None:
         return _SETTINGS_OVERRIDE
     return Settings(1 << 12, 1) if INTERPRETED else Settings(2048, 8)
-
-
-def f32(x: float) -> float:
-    """Round a Python float (float64) to the nearest float32, kept as a Python float."""
-    try:
-        return struct.unpack("f", struct.pack("f", x))[0]
-    except OverflowError:  # rounds beyond the largest float32
-        return float("inf") if x > 0 else float("-inf")
-
-
-class StepScalars(NamedTuple):
-    """The kernel's runtime hyper-parameters, each pre-rounded to float32 the
-    way ATen rounds the corresponding Python scalar in the reference, and
-    which lerp formula torch uses for this beta1."""
-    neg_lr: float
-    weight_decay: float
-    neg_lr_weight_decay: float
-    lerp_coeff: float
-    beta2: float
-    one_minus_beta2: float
-    eps: float
-    lerp_from_end: bool  # a constexpr of the kernel, not an argument
-
-    @property
-    def arguments(self) -> tuple:
-        return self[:7]
-
-    @classmethod
-    def make(cls, *, lr: float, beta1: float, beta2: float, eps: float,
-             weight_decay: float) -> "StepScalars":
-        weight = f32(1.0 - beta1)  # torch.lerp's scalar weight
-        from_end = not abs(weight) < 0.5
-        return cls(neg_lr=f32(-lr), weight_decay=f32(weight_decay),
-                   neg_lr_weight_decay=f32(-lr * weight_decay),
-                   lerp_coeff=weight - 1.0 if from_end else weight,  # exact in float32
-                   beta2=f32(beta2), one_minus_beta2=f32(1.0 - beta2), eps=f32(eps),
-                   lerp_from_end=from_end)
 
 
 class Tables(NamedTuple):
