@@ -31,6 +31,9 @@ def check_options(state_dtype: Optional[torch.dtype], master_weight_bits: Option
     compact = state_dtype == torch.int8 or master_weight_bits is not None
     if state_dtype is not None and param.is_complex():
         raise ValueError(f"state_dtype={state_dtype} needs real parameters, got {param.dtype}")
+    if state_dtype == torch.int8 and param.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"state_dtype=torch.int8 (8-bit state) takes float32, bf16 or fp16 parameters, "
+                         f"got {param.dtype}")
     if master_weight_bits is not None and param.dtype != torch.bfloat16:
         raise ValueError(f"master_weight_bits={master_weight_bits} keeps the low bits of bf16 params "
                          f"beside them; got a {param.dtype} parameter of shape {tuple(param.shape)} "

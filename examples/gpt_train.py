@@ -188,22 +188,37 @@ def train(name, corpus, args):
 
 
 def plot(rows, path):
+    """Training and validation loss, and each run's validation loss relative
+    to float32-state ADOPT's (the curves lie on top of each other)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    figure, axes = plt.subplots(1, 3, figsize=(16, 4))
+    reference = {r["step"]: r["val_loss"] for r in rows if r["run"] == "adopt_fp32_state"}
     for name in dict.fromkeys(r["run"] for r in rows):
         points = [r for r in rows if r["run"] == name]
+        steps = [r["step"] for r in points]
         for axis, key in zip(axes, ("train_loss", "val_loss")):
-            axis.plot([r["step"] for r in points], [r[key] for r in points], label=name)
-    for axis, title in zip(axes, ("training loss (mean over each interval)", "validation loss")):
+            axis.plot(steps, [r[key] for r in points], label=name)
+        if reference:
+            axes[2].plot(steps, [100 * (r["val_loss"] / reference[r["step"]] - 1) for r in points], label=name)
+    titles = ("training loss (mean over each interval)", "validation loss",
+              "validation loss vs float32-state ADOPT (%)")
+    for axis, title in zip(axes, titles):
         axis.set_title(title)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("cross-entropy (nats per character)")
-    axes[1].legend()
+    axes[1].sharey(axes[0])
+    axes[2].legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+
+
+def read_rows(path):
+    with open(path) as f:
+        return [dict(r, step=int(r["step"]), train_loss=float(r["train_loss"]), val_loss=float(r["val_loss"]))
+                for r in csv.DictReader(f)]
 
 
 def main():
@@ -214,7 +229,7 @@ def main():
     parser.add_argument("--layers", type=int, default=None, help="default: 4 on CPU, 6 on CUDA")
     parser.add_argument("--dim", type=int, default=None, help="default: 128 on CPU, 384 on CUDA")
     parser.add_argument("--heads", type=int, default=None, help="default: 4 on CPU, 6 on CUDA")
-    parser.add_argument("--context", type=int, default=None, help="default: 128 on CPU, 256 on CUDA")
+    parser.add_argument("--context", type=int, default=None, help="default: 64 on CPU, 256 on CUDA")
     parser.add_argument("--batch", type=int, default=None, help="default: 32 on CPU, 64 on CUDA")
     parser.add_argument("--corpus-chars", type=int, default=None, help="default: 2M on CPU, 20M on CUDA")
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -225,11 +240,12 @@ def main():
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's); 1 is faster on a CPU shared with other jobs")
     parser.add_argument("--out", default="examples/out")
+    parser.add_argument("--replot", action="store_true", help="only redraw <out>/gpt_train.png from its CSV")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
-    defaults = dict(steps=(5000, 500), layers=(6, 4), dim=(384, 128), heads=(6, 4), context=(256, 128),
+    defaults = dict(steps=(5000, 500), layers=(6, 4), dim=(384, 128), heads=(6, 4), context=(256, 64),
                     batch=(64, 32), corpus_chars=(20_000_000, 2_000_000))
     for key, (gpu, cpu) in defaults.items():
         if getattr(args, key) is None:
@@ -241,6 +257,9 @@ def main():
         parser.error(f"unknown runs {unknown}; choose from {list(RUNS)}")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        plot(read_rows(out / "gpt_train.csv"), out / "gpt_train.png")
+        return
     corpus = Corpus(args.corpus_chars)
     print(f"corpus: {len(corpus.train) + len(corpus.val)} characters of the Python {sys.version.split()[0]} "
           f"standard library, {corpus.vocab_size} symbols; {args.steps} steps of {args.batch} x {args.context}")

@@ -205,6 +205,7 @@ def test_24_bit_master_weights_stay_within_their_rounding_of_a_float32_run(kerne
                                                 r"torch.float32, torch.bfloat16, torch.int8"),
     (dict(state_dtype=torch.uint8), ValueError, "Invalid state_dtype: torch.uint8"),
     (dict(state_dtype=torch.int8, dtype=torch.complex64), ValueError, "state_dtype=torch.int8 needs real parameters"),
+    (dict(state_dtype=torch.int8, dtype=torch.float64), ValueError, "takes float32, bf16 or fp16 parameters"),
     (dict(master_weight_bits=32), ValueError, "master_weight_bits=32 keeps the low bits of bf16 params"),
     (dict(master_weight_bits=24, dtype=torch.float16), ValueError, "master_weight_bits=24 .* torch.float16"),
     (dict(master_weight_bits=16, dtype=torch.bfloat16), ValueError, "Invalid master_weight_bits: 16"),
