@@ -13,7 +13,7 @@ elements; x_fp32 != 0): median and 99th percentile.
 Shadows: ``ADOPT8bit`` (the shipped format), bf16 state rounded to nearest
 and stochastically; with ``--ablations``, emulations of other 8-bit formats
 (block size, scale, m encoding, rounding of sqrt(v)) that the choice was
-made against. Writes <out>/state_error.csv.
+made against. Writes <out>/state_error.csv and <out>/state_error.png.
 """
 import argparse
 import csv
@@ -129,9 +129,15 @@ def main():
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's); 1 is faster on a CPU shared with other jobs")
     parser.add_argument("--out", default="examples/out")
+    parser.add_argument("--replot", action="store_true", help="only redraw <out>/state_error.png from its CSV")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.replot:
+        with open(pathlib.Path(args.out) / "state_error.csv") as f:
+            rows = [{k: v if k == "state" else float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        plot(rows, pathlib.Path(args.out) / "state_error.png")
+        return
     torch.manual_seed(args.seed)
     corpus = Corpus(2_000_000)
     model = GPT(corpus.vocab_size, args.context, args.dim, args.layers, 4)
@@ -179,6 +185,26 @@ def main():
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    plot(rows, out / "state_error.png")
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(rows) + 1.5), sharey=True)
+    names = [r["state"] for r in rows][::-1]
+    for axis, moment in zip(axes, ("sqrt_v", "m")):
+        for offset, (stat, color) in enumerate((("median", "tab:blue"), ("p99", "tab:orange"))):
+            values = [100 * r[f"{moment}_{stat}"] for r in rows][::-1]
+            axis.barh([i + 0.4 * offset for i in range(len(rows))], values, height=0.4, color=color, label=stat)
+        axis.set_xscale("log")
+        axis.set_title(f"relative error of {'sqrt(v)' if moment == 'sqrt_v' else 'm'} vs float32 state (%)")
+        axis.grid(alpha=0.3, axis="x")
+    axes[0].set_yticks([i + 0.2 for i in range(len(rows))], names)
+    axes[1].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -167,3 +167,4 @@ def test_state_error_smoke(tmp_path):
     rows = {r["state"]: r for r in read_csv(tmp_path / "state_error.csv")}
     assert set(rows) == {"8-bit (ADOPT8bit)", "bf16, to nearest", "bf16, stochastic"}
     assert 0 < float(rows["8-bit (ADOPT8bit)"]["sqrt_v_median"]) < 0.05
+    assert (tmp_path / "state_error.png").stat().st_size > 0
