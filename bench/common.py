@@ -35,14 +35,14 @@ RESULTS_DIR = pathlib.Path(os.environ.get("ADOPT_BENCH_RESULTS", pathlib.Path(__
 # update: read p, g, m, v + write p, m, v; first step: read g + write v.
 # torch.int8 state: 8-bit codes of m and sqrt(v), plus their float32 block
 # maxima (one per 64 elements each, read and written: 0.25 B/element).
-ELEMENT_SIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.int8: 1}
+ELEMENT_SIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.int8: 1, torch.uint8: 1}
 BLOCK_MAXIMA_BYTES = 2 * 2 * 4 / 64
 
 
 def update_bytes_per_element(param_dtype, state_dtype=torch.float32, remainder_bits=0):
     """Read p, g, m, v and write p, m, v (+ block maxima for 8-bit state, + the
     master weight's remainder read and written: 16 or 8 bits)."""
-    maxima = BLOCK_MAXIMA_BYTES if state_dtype == torch.int8 else 0
+    maxima = BLOCK_MAXIMA_BYTES if state_dtype in (torch.int8, torch.uint8) else 0  # codes of m, of sqrt(v)
     return 3 * ELEMENT_SIZE[param_dtype] + 4 * ELEMENT_SIZE[state_dtype] + maxima + remainder_bits // 4
 
 
