@@ -14,17 +14,14 @@ FUSED_DTYPES = kernel.PARAM_DTYPES + (torch.complex64,)
 
 
 def fused_unsupported_reason(param: Tensor) -> Optional[str]:
-    """Why the fused kernel cannot update ``param``, or None if it can."""
+    """Why ``fused=True`` cannot update ``param`` (with the kernel, or on the
+    CPU with the compiled CPU step), or None if it can."""
     if param.dtype not in FUSED_DTYPES:
         names = ", ".join(str(d) for d in FUSED_DTYPES)
         return f"the fused ADOPT kernel does not support dtype {param.dtype} (supported: {names})"
     if kernel.INTERPRETED and param.device.type != "cpu":
         return ("under TRITON_INTERPRET=1 the fused ADOPT kernel runs on CPU tensors only (its "
                 "launch tables hold host addresses)")
-    if param.device.type == "cpu" and not kernel.INTERPRETED:
-        return ("the fused ADOPT kernel needs a CUDA tensor; CPU tensors run it only through "
-                "Triton's interpreter (set TRITON_INTERPRET=1 before importing adopt_triton), "
-                "otherwise use fused=False or fused=None on CPU")
     if param.device.type not in ("cpu", "cuda"):
         return f"the fused ADOPT kernel does not support device {param.device}"
     return None
@@ -37,10 +34,18 @@ def check_fused_supported(param: Tensor) -> None:
 
 
 def use_fused(fused: Optional[bool], param: Tensor) -> bool:
-    """fused=None picks the kernel for CUDA tensors it supports, eager otherwise."""
-    if fused is None:
+    """The Triton kernel: for CUDA tensors it supports under fused=None or
+    True, and for CPU tensors under fused=True through Triton's interpreter."""
+    if fused is None or (fused and param.device.type == "cpu" and not kernel.INTERPRETED):
         return param.device.type == "cuda" and fused_unsupported_reason(param) is None
     return fused
+
+
+def use_cpu_step(fused: Optional[bool], param: Tensor) -> bool:
+    """The compiled CPU step (adopt_triton.cpu): CPU tensors of the kernel's
+    dtypes that do not take the kernel, unless fused=False."""
+    return fused is not False and param.device.type == "cpu" and param.dtype in FUSED_DTYPES \
+        and not use_fused(fused, param)
 
 
 def eager_reason(fused: Optional[bool], param: Tensor) -> Optional[str]:
@@ -51,8 +56,8 @@ def eager_reason(fused: Optional[bool], param: Tensor) -> Optional[str]:
     if fused is False:
         return "fused=False"
     return fused_unsupported_reason(param) or (
-        "fused=None updates CPU tensors eagerly (fused=True runs the kernel on them under "
-        "TRITON_INTERPRET=1)")
+        "CPU tensors take the compiled CPU step, not the kernel (fused=True runs the kernel on "
+        "them under TRITON_INTERPRET=1)")
 
 
 def step_device(fused: Optional[bool], param: Tensor) -> torch.device:
@@ -62,11 +67,33 @@ def step_device(fused: Optional[bool], param: Tensor) -> torch.device:
     return param.device if use_fused(fused, param) else torch.device("cpu")
 
 
+# foreach=None: CPU tensors of SINGLE_TENSOR_MIN_NUMEL elements or more take
+# the single-tensor path, smaller ones (and other devices') foreach. Measured
+# (bench/cpu_step.py, 2 threads): with 2^22 elements cut into tensors of 2^k,
+# single-tensor takes 0.76-0.9x foreach's time for k = 14..18, the same for
+# k = 12 and 20, 1.3x for k = 10 (per-op dispatch); on GPT-2 124M's tensors
+# 0.3x (foreach's list-wide temporaries); alone, one tensor of 2^22 or more
+# is faster with foreach (2.8x at 2^22), a case this rule leaves slower.
+SINGLE_TENSOR_MIN_NUMEL = 1 << 13
+
+
 def eager_implementation(foreach: Optional[bool]):
-    """foreach=None picks foreach: on the CPU (bench/results/cpu-smoke-2026-11-29.json)
-    it took 2.0-2.3x less time per step for 100-148 tensors and the same
-    within noise for one tensor."""
-    return reference.adopt if foreach is False else foreach_adopt
+    """The eager path for ``foreach``: True foreach, False single-tensor,
+    None by tensor size (``SINGLE_TENSOR_MIN_NUMEL``)."""
+    if foreach is None:
+        return _by_size
+    return foreach_adopt if foreach else reference.adopt
+
+
+def _by_size(tensors: Tensors, hyper) -> None:
+    """foreach=None: large CPU tensors single-tensor, the others foreach."""
+    single = {i for i, p in enumerate(tensors.params) if p.device.type == "cpu"
+              and local_shard(p).numel() >= SINGLE_TENSOR_MIN_NUMEL}
+    others = [i for i in range(len(tensors.params)) if i not in single]
+    if single:
+        reference.adopt(tensors.pick(sorted(single)), hyper)
+    if others:
+        foreach_adopt(tensors.pick(others), hyper)
 
 
 def state_dtypes(param_dtype: torch.dtype) -> Tuple[torch.dtype, ...]:
@@ -118,13 +145,14 @@ def _check_disjoint(params: List[Tensor]) -> None:
 
 
 def _check_steps(tensors: Tensors, fused: Optional[bool]) -> None:
-    """A fused tensor's step count is read by the kernel: a float32 scalar on
-    the parameter's device (the optimizer keeps them so)."""
+    """The step count of a tensor on the kernel or the CPU step is read by
+    compiled code: a float32 scalar on the parameter's device (the optimizer
+    keeps them so)."""
     for index, (param, step) in enumerate(zip(tensors.params, tensors.steps)):
-        if use_fused(fused, param) and (step.dtype != torch.float32 or step.numel() != 1
-                                        or step.device != param.device):
+        if (use_fused(fused, param) or use_cpu_step(fused, param)) and (
+                step.dtype != torch.float32 or step.numel() != 1 or step.device != param.device):
             raise RuntimeError(f"ADOPT: the step count of parameter {index} must be a float32 "
-                               f"scalar on {param.device} for the fused kernel, got "
+                               f"scalar on {param.device} for the fused step, got "
                                f"{step.dtype} of shape {tuple(step.shape)} on {step.device}")
 
 
@@ -188,7 +216,7 @@ def check(tensors: Tensors, fused: Optional[bool]) -> None:
     for index, (param, grad, exp_avg, exp_avg_sq) in enumerate(zip(*tensors[:4])):
         _check_operands(index, param, grad, exp_avg, exp_avg_sq)
         _check_compact(tensors, index)
-        if use_fused(fused, param):
+        if use_fused(fused, param) or use_cpu_step(fused, param):
             check_fused_supported(param)
             if exp_avg.dtype != param.dtype and exp_avg.dtype not in kernel.STATE_DTYPES:
                 raise RuntimeError(f"ADOPT(fused=True): state dtype {exp_avg.dtype} is not supported "
@@ -197,3 +225,7 @@ def check(tensors: Tensors, fused: Optional[bool]) -> None:
 
 def fused_positions(fused: Optional[bool], params: List[Tensor]) -> List[int]:
     return [i for i, p in enumerate(params) if use_fused(fused, p)]
+
+
+def cpu_positions(fused: Optional[bool], params: List[Tensor]) -> List[int]:
+    return [i for i, p in enumerate(params) if use_cpu_step(fused, p)]

@@ -126,11 +126,14 @@ class ADOPT(Optimizer):
     updated by one launch of one fused Triton kernel (one memory pass):
 
     * ``fused=None`` (default): the kernel for CUDA float32/bf16/fp16/complex64
-      tensors, an eager path otherwise (``foreach`` unless ``foreach=False``,
-      then the single-tensor reference ``adopt_triton.reference``).
-    * ``fused=True``: the kernel for every tensor; an error at construction
-      for a tensor it cannot take. CPU tensors run it only under Triton's
-      interpreter (``TRITON_INTERPRET=1``), as the test suite does.
+      tensors, the compiled CPU step (``adopt_triton.cpu``, one pass, built
+      by torch.compile's C++ backend) for CPU tensors of those dtypes, an
+      eager path otherwise (``foreach``: True foreach, False the
+      single-tensor reference ``adopt_triton.reference``, None each by size).
+    * ``fused=True``: the kernel for every tensor, the compiled CPU step for
+      CPU tensors (the kernel under Triton's interpreter, ``TRITON_INTERPRET=1``,
+      as the test suite runs it); an error at construction for a tensor
+      neither can take.
     * ``fused=False``: the eager paths; ``differentiable=True``: the
       single-tensor reference under autograd.
 
@@ -451,8 +454,9 @@ class ADOPT(Optimizer):
             hyper = Hyper.of_group(group, self.clip_lambda)
             positions = dispatch.fused_positions(ADOPT._fused(group), tensors.params)
             if len(positions) != len(tensors.params):
-                raise RuntimeError("ADOPT under torch.compile runs the fused kernel only; "
-                                   "use fused=True with tensors it supports")
+                raise RuntimeError("ADOPT under torch.compile runs the fused kernel only (CUDA "
+                                   "tensors, or CPU tensors under TRITON_INTERPRET=1); use fused=True "
+                                   "with tensors it supports")
             fused_path.traced_fused_adopt(tensors, hyper, scaling, self.stochastic_round_seed or 0,
                                           self.bf16_stochastic_round, self._traced_owner, slot)
 

@@ -20,6 +20,7 @@ from adopt_triton import dispatch, reference
 from adopt_triton.clip import ClipEvaluator
 from adopt_triton.common import (Hyper, Scaling, Tensors, default_clip_lambda, fingerprint,
                                  local_shard)
+from adopt_triton.cpu import CpuStep
 from adopt_triton.fused import FusedStep, advance_steps
 from adopt_triton.kernels import adopt as kernel
 
@@ -74,6 +75,7 @@ class Prepared(NamedTuple):
     scalars: kernel.StepScalars
     clips: Optional[List[Tensor]]  # a custom clip_lambda's values, one array per launch
     eager_hyper: Hyper             # its clip_lambda answers from values computed beforehand
+    host_scalars: kernel.StepScalars  # with lr read on the host (the CPU step's)
 
 
 def _flat_advance(steps: List[Tensor]) -> Optional[List[Tuple[Tensor, Optional[Tensor], Tensor]]]:
@@ -108,11 +110,16 @@ class GroupProgram:
         self.tensors = tensors._replace(grads=[None] * len(tensors.grads))  # not kept alive
         self.grads = tensors.grads  # this step's, until it ran
         fused_positions = dispatch.fused_positions(fused, tensors.params)
-        eager_positions = [i for i in range(len(tensors.params)) if i not in set(fused_positions)]
+        cpu_positions = [i for i in dispatch.cpu_positions(fused, tensors.params)
+                         if not reference.compact(tensors, i)]  # compact storage: the reference
+        taken = set(fused_positions + cpu_positions)
         self.fused_positions = None if len(fused_positions) == len(tensors.params) else fused_positions
         self.fused = FusedStep(tensors.pick(fused_positions)) if fused_positions else None
         self.advance = _flat_advance([tensors.steps[i] for i in fused_positions])
-        self.eager_positions = eager_positions
+        self.cpu_positions = cpu_positions
+        self.cpu = CpuStep(tensors.pick(cpu_positions)) if cpu_positions else None
+        self.cpu_advance = _flat_advance([tensors.steps[i] for i in cpu_positions])
+        self.eager_positions = [i for i in range(len(tensors.params)) if i not in taken]
         self.eager_implementation = dispatch.eager_implementation(foreach)
         self.state_of: tuple = (None, None, None, None)  # the state dicts looked up, and for what
         self._scalars_key: Optional[tuple] = None
@@ -175,10 +182,14 @@ class GroupProgram:
         if clip is not None:
             if self.fused is not None:
                 clips = self.fused.clip_values(clip, capturable)
-            if self.eager_positions:
-                counts = torch.stack([self.tensors.steps[i] for i in self.eager_positions]).tolist()
+            host_positions = self.eager_positions + self.cpu_positions  # read their counts here
+            if host_positions:
+                counts = torch.stack([self.tensors.steps[i] for i in host_positions]).tolist()
                 eager_hyper = hyper._replace(clip_lambda=clip.by_count(counts).__getitem__)
-        return Prepared(self._scalars, clips, eager_hyper)
+        host_scalars = self._scalars
+        if lr_value is None and self.cpu is not None:  # an lr on another device, CPU params
+            host_scalars = scalars_for(hyper, float(lr))
+        return Prepared(self._scalars, clips, eager_hyper, host_scalars)
 
     def run(self, prepared: Prepared, hyper: Hyper, scaling: Scaling, seed: int = 0,
             stochastic: bool = False) -> None:
@@ -189,28 +200,27 @@ class GroupProgram:
         if self.fused is not None:
             self.fused.run(self._fused_part(grads), hyper, prepared.scalars, scaling, seed, stochastic,
                            prepared.clips)
-            if self.advance is None:
-                advance_steps(self._fused_part(self.tensors.steps), scaling.found_inf)
-            else:
-                for flat, index, ones in self.advance:
-                    increment = ones if scaling.found_inf is None else \
-                        ones * (1 - scaling.found_inf.to(flat.device, torch.float32))
-                    if index is None:
-                        flat.add_(increment)
-                    else:  # only the counts of params that had a gradient
-                        flat.index_add_(0, index, increment)
-        if self.eager_positions:
-            self._run_eager(grads, prepared.eager_hyper, scaling, seed, stochastic)
+            _advance(self.advance, self._fused_part(self.tensors.steps), scaling.found_inf)
+        skipped = scaling.found_inf is not None and float(scaling.found_inf) != 0  # read on the host
+        eager_positions = self.eager_positions
+        if self.cpu is not None and not skipped:
+            cpu_grads = [grads[i] for i in self.cpu_positions]
+            if not stochastic and self.cpu.run(cpu_grads, prepared.eager_hyper, prepared.host_scalars,
+                                               scaling):
+                _advance(self.cpu_advance, [self.tensors.steps[i] for i in self.cpu_positions], None)
+            else:  # stochastic rounding, or no compiler here: the eager paths instead
+                eager_positions = eager_positions + self.cpu_positions
+        if eager_positions and not skipped:
+            self._run_eager(grads, prepared.eager_hyper, scaling, eager_positions, seed, stochastic)
         del self.grads
 
-    def _run_eager(self, grads, hyper: Hyper, scaling: Scaling, seed: int, stochastic: bool) -> None:
-        """GradScaler's unscale-and-skip done eagerly (reading found_inf on
-        the host, as GradScaler itself does for unfused optimizers).
-        Compactly stored tensors, and stochastic rounding, take the reference."""
-        if scaling.found_inf is not None and float(scaling.found_inf) != 0:
-            return
-        tensors = self.tensors.pick(self.eager_positions)
-        grads = [grads[i] for i in self.eager_positions]
+    def _run_eager(self, grads, hyper: Hyper, scaling: Scaling, positions: List[int], seed: int,
+                   stochastic: bool) -> None:
+        """GradScaler's unscale done eagerly (its skip was decided on the host,
+        as GradScaler itself does for unfused optimizers). Compactly stored
+        tensors, and stochastic rounding, take the reference."""
+        tensors = self.tensors.pick(positions)
+        grads = [grads[i] for i in positions]
         if scaling.grad_scale is not None:
             grads = [g / scaling.grad_scale.to(g.device) for g in grads]
         tensors = tensors._replace(grads=grads)
@@ -221,6 +231,21 @@ class GroupProgram:
             plain = [i for i in range(len(grads)) if i not in set(compact)]
             self.eager_implementation(tensors.pick(plain)._replace(exp_avg_scales=None, exp_avg_sq_scales=None,
                                                                    remainders=None), hyper)
+
+
+def _advance(plan, steps: List[Tensor], found_inf: Optional[Tensor]) -> None:
+    """n += 1 for each step count unless found_inf is set (read where the
+    counts are), in one op per flat array when ``plan`` (``_flat_advance``) has one."""
+    if plan is None:
+        advance_steps(steps, found_inf)
+        return
+    for flat, index, ones in plan:
+        increment = ones if found_inf is None else \
+            ones * (1 - found_inf.to(flat.device, torch.float32))
+        if index is None:
+            flat.add_(increment)
+        else:  # only the counts of params that had a gradient
+            flat.index_add_(0, index, increment)
 
 
 def scalars_for(hyper: Hyper, lr: Optional[float]) -> kernel.StepScalars:

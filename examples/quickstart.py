@@ -4,8 +4,8 @@ authors' release (torch-adopt) trained from the same seed.
 
     python examples/quickstart.py [--epochs 20] [--lr 3e-3] [--device cuda]
 
-On CUDA the update runs as the fused Triton kernel; on CPU it runs the eager
-reference (the kernel runs on CPU only under Triton's interpreter, for tests).
+On CUDA the update runs as the fused Triton kernel; on CPU as the compiled CPU
+step (torch.compile's C++ backend; the eager path if no compiler is found).
 """
 import argparse
 import copy
@@ -16,7 +16,7 @@ from sklearn.datasets import load_digits
 
 import adopt
 from adopt_triton import ADOPT
-from adopt_triton.dispatch import use_fused
+from adopt_triton.dispatch import use_cpu_step, use_fused
 
 
 def load_data(device):
@@ -69,7 +69,9 @@ def main():
     reference_model = copy.deepcopy(model)
 
     ours = ADOPT(model.parameters(), lr=args.lr, weight_decay=1e-4, decouple=True)
-    path = "fused Triton kernel" if use_fused(None, next(model.parameters())) else "eager reference"
+    first = next(model.parameters())
+    path = "fused Triton kernel" if use_fused(None, first) else \
+        "compiled CPU step" if use_cpu_step(None, first) else "eager path"
     print(f"adopt_triton.ADOPT on {args.device} ({path}), {args.epochs} epochs:")
     start = time.perf_counter()
     our_losses = train(model, ours, train_set, args.epochs, args.batch_size, log=True)

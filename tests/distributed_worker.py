@@ -1,5 +1,5 @@
 """Worker processes of tests/test_distributed.py (gloo, CPU tensors, the fused
-kernel under Triton's interpreter). Each job trains the same small
+kernel under Triton's interpreter, or the compiled CPU step). Each job trains the same small
 transformer-like model and writes what the test compares to `out_dir`."""
 import os
 
@@ -9,7 +9,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict  # noqa: E402
-from torch.distributed.fsdp import fully_shard  # noqa: E402
+from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from adopt_triton import ADOPT  # noqa: E402
@@ -66,10 +66,10 @@ def full_params(model):
             for name, p in model.named_parameters()}
 
 
-def shard(model):
+def shard(model, **options):
     for block in model.blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, **options)
+    fully_shard(model, **options)
     return model
 
 
@@ -104,6 +104,38 @@ def fsdp_job(rank, world, port, out_dir, steps, fused=True):
         params = full_params(model)
         if rank == 0:
             torch.save(params, os.path.join(out_dir, f"fsdp_fused{fused}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def offload_job(rank, world, port, out_dir, steps, device="cpu"):
+    """FSDP2 with CPUOffloadPolicy: the shards, gradients and optimizer state
+    live on the CPU, and ADOPT's default (fused=None) runs the compiled CPU
+    step on them. On a CPU mesh (gloo) the policy needs pin_memory=False
+    (pinning needs an accelerator); on CUDA it is the real thing: forward and
+    backward on the GPU, the step on the CPU."""
+    if device == "cuda":  # collectives of CUDA tensors on NCCL, of the CPU shards on gloo
+        torch.cuda.set_device(rank)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("cpu:gloo,cuda:nccl", rank=rank, world_size=world)
+    else:
+        _init(rank, world, port)
+    try:
+        model = shard(make_model(), offload_policy=CPUOffloadPolicy(pin_memory=device == "cuda"))
+        optimizer = ADOPT(model.parameters(), **dict(OPTIONS, fused=None))
+        for step in range(steps):
+            inputs, targets = (t.to(device) for t in batch(step, rank, world))
+            loss = torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        program = optimizer._programs[id(optimizer.param_groups[0])]
+        assert program.cpu is not None and not program.eager_positions  # the CPU step, no other path
+        state = next(iter(optimizer.state.values()))
+        assert state["exp_avg"].to_local().device.type == "cpu"
+        params = {name: value.cpu() for name, value in full_params(model).items()}
+        if rank == 0:
+            torch.save(params, os.path.join(out_dir, f"offload_{device}.pt"))
     finally:
         dist.destroy_process_group()
 

@@ -40,10 +40,25 @@ def assert_same_params(actual, expected):
         torch.testing.assert_close(actual[name], expected[name], msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused_kernel", "eager_foreach"])
+@pytest.mark.parametrize("fused", [True, None, False], ids=["fused_kernel", "cpu_step", "eager_foreach"])
 def test_fsdp2_training_matches_one_process(tmp_path, single_process_params, fused):
     spawn(worker.fsdp_job, 2, str(tmp_path), STEPS, fused)
     assert_same_params(torch.load(tmp_path / f"fsdp_fused{fused}.pt"), single_process_params)
+
+
+def test_fsdp2_cpu_offload_policy_steps_on_the_cpu_shards(tmp_path, single_process_params):
+    spawn(worker.offload_job, 2, str(tmp_path), STEPS)
+    assert_same_params(torch.load(tmp_path / "offload_cpu.pt"), single_process_params)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fsdp2_cpu_offload_policy_on_cuda(tmp_path, single_process_params):
+    """The real offload: forward and backward on the GPU(s) (NCCL), pinned
+    CPU shards, the compiled CPU step on them; against the one-process CPU run."""
+    world = min(2, torch.cuda.device_count())
+    spawn(worker.offload_job, world, str(tmp_path), STEPS, "cuda")
+    assert_same_params(torch.load(tmp_path / "offload_cuda.pt"), single_process_params)
 
 
 def test_ddp_training_matches_one_process(tmp_path, single_process_params):

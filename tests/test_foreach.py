@@ -1,5 +1,6 @@
-"""The eager foreach path: the reference's numbers (float32 tolerance: ATen's
-sqrt), per-tensor step counts, NaN/Inf placement, and when it is chosen."""
+"""The eager paths: foreach gives the reference's numbers (float32 tolerance:
+ATen's sqrt), per-tensor step counts, NaN/Inf placement; the reference's own
+sqrt is correctly rounded; which path foreach=None chooses."""
 import pytest
 import torch
 
@@ -35,17 +36,42 @@ def test_foreach_matches_the_reference(decouple):
     assert ours.params[2].isnan().any()  # the specials did reach the params
 
 
-@pytest.mark.parametrize("foreach,expected", [(None, "foreach"), (True, "foreach"), (False, "single")])
+@pytest.mark.parametrize("foreach,expected", [(None, [("single", 1), ("foreach", 2)]),
+                                              (True, [("foreach", 3)]), (False, [("single", 3)])])
 def test_eager_path_choice(monkeypatch, foreach, expected):
-    """foreach=None picks foreach on the eager path (see dispatch.eager_implementation)."""
+    """foreach=None: CPU tensors of SINGLE_TENSOR_MIN_NUMEL elements or more
+    take the single-tensor path, smaller ones foreach (dispatch.eager_implementation)."""
     used = []
 
     def recording(label, function):
-        return lambda *args, **kwargs: (used.append(label), function(*args, **kwargs))
+        return lambda tensors, *args: (used.append((label, len(tensors.params))),
+                                       function(tensors, *args))
     monkeypatch.setattr(dispatch, "foreach_adopt", recording("foreach", dispatch.foreach_adopt))
     monkeypatch.setattr(reference, "adopt", recording("single", reference.adopt))
-    param = torch.nn.Parameter(torch.randn(5))
-    opt = ADOPT([param], fused=False, foreach=foreach)
-    param.grad = torch.randn(5)
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (5, dispatch.SINGLE_TENSOR_MIN_NUMEL, 17)]
+    opt = ADOPT(params, fused=False, foreach=foreach)
+    for p in params:
+        p.grad = torch.randn_like(p)
     opt.step()
-    assert used == [expected]
+    assert used == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_sqrt_is_correctly_rounded(dtype):
+    """numpy's sqrt on CPU tensors (ATen's CPU sqrt is not always correctly
+    rounded); against float32 via float64 (exact) and float64 via Python's
+    math.sqrt (the IEEE operation), specials and a strided view included."""
+    import math
+    values = torch.rand(2**16, dtype=torch.float64) * torch.exp(torch.randn(2**16, dtype=torch.float64) * 30)
+    values[:8] = torch.tensor([0.0, -0.0, 5e-324, 1e-310, float("inf"), float("nan"), -1.0, 1.0])
+    x = values.to(dtype).view(256, 256).t()
+    got = reference._sqrt(x)
+    if dtype == torch.float32:
+        expected = x.double().sqrt().float()
+    else:
+        expected = torch.tensor([math.sqrt(v) if v >= 0 else float("nan") for v in x.flatten().tolist()],
+                                dtype=dtype).view(x.shape)
+    assert torch.equal(got.isnan(), expected.isnan())
+    numbers = ~got.isnan()  # (a NaN's sign is not specified)
+    assert torch.equal(got[numbers], expected[numbers])
+    assert torch.equal(torch.signbit(got[numbers]), torch.signbit(expected[numbers]))  # sqrt(-0) = -0

@@ -70,12 +70,14 @@ def test_grad_scaler_against_torch_adopt(kernel_device):
         torch.testing.assert_close(a, b)
 
 
-def test_eager_path_honours_grad_scaler_too():
-    """fused=False (or CPU tensors under fused=None) gets the same contract."""
+@pytest.mark.parametrize("fused", [False, None], ids=["eager", "cpu_step"])
+def test_eager_path_and_cpu_step_honour_grad_scaler_too(fused):
+    """fused=False and CPU tensors under fused=None (the compiled CPU step)
+    get the same contract."""
     torch.manual_seed(0)
     nets = [model("cpu"), model("cpu")]
     nets[1].load_state_dict(nets[0].state_dict())
-    opts = [ADOPT(nets[0].parameters(), lr=1e-2, fused=False),
+    opts = [ADOPT(nets[0].parameters(), lr=1e-2, fused=fused),
             adopt.ADOPT(nets[1].parameters(), lr=1e-2, foreach=False)]
     scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10) for _ in nets]
     for step in range(10):

@@ -28,6 +28,12 @@ def test_matches_torch_adopt(kernel_device, options, flags):
     run_against_torch_adopt(kernel_device, options, flags=flags)
 
 
+@pytest.mark.parametrize("options", CASES.values(), ids=CASES.keys())
+def test_cpu_step_matches_torch_adopt(options):
+    """CPU tensors under fused=None: the compiled CPU step (adopt_triton.cpu)."""
+    run_against_torch_adopt("cpu", options, flags=dict(fused=None))
+
+
 def test_matches_torch_adopt_without_clipping(kernel_device):
     """Unclipped ADOPT divides by sqrt(v) of the previous gradient: with
     gradients spanning 8 orders of magnitude, updates reach 1e4 and cancel, and
