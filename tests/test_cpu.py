@@ -210,3 +210,28 @@ def test_grad_scaler_found_inf_skips_and_grad_scale_unscales():
             ref.step(grads, hyper(lr=1e-2))
         assert_matches_reference(opt, params, ref, f"step {step}")
     assert float(opt.state[params[0]]["step"]) == STEPS - 1
+
+
+@pytest.mark.parametrize("options", [dict(state_dtype=torch.int8), dict(master_weight_bits=24),
+                                     dict(bf16_stochastic_round=True)],
+                         ids=["8bit_state", "master_weights", "stochastic_rounding"])
+def test_compact_storage_and_stochastic_rounding_take_the_reference(options):
+    """What the CPU step does not store or round takes the reference, bit for
+    bit as with fused=False, foreach=False; plain tensors of the group keep
+    the CPU step (with stochastic rounding, every tensor takes the reference)."""
+    shapes = [(4099,), (9001,), (17,)]
+    params, eager_params = (make_params(shapes, dtype=torch.bfloat16, seed=4) for _ in range(2))
+    opts = [ADOPT(params, lr=1e-2, stochastic_round_seed=5, **options),
+            ADOPT(eager_params, lr=1e-2, stochastic_round_seed=5, fused=False, foreach=False, **options)]
+    for _ in range(STEPS):
+        for p, q in zip(params, eager_params):
+            p.grad = wide_grad(p.shape, dtype=p.dtype)
+            q.grad = p.grad.clone()
+        for opt in opts:
+            opt.step()
+    for p, q in zip(params, eager_params):
+        assert torch.equal(p, q)
+        for key, value in opts[1].state[q].items():
+            assert torch.equal(opts[0].state[p][key], value), key
+    expected = {"state_dtype": [2], "master_weight_bits": [], "bf16_stochastic_round": [0, 1, 2]}
+    assert program_of(opts[0]).cpu_positions == expected[next(iter(options))]  # (17 elements: plain)
