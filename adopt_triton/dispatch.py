@@ -69,11 +69,12 @@ def step_device(fused: Optional[bool], param: Tensor) -> torch.device:
 
 # foreach=None: CPU tensors of SINGLE_TENSOR_MIN_NUMEL elements or more take
 # the single-tensor path, smaller ones (and other devices') foreach. Measured
-# (bench/cpu_step.py, 2 threads): with 2^22 elements cut into tensors of 2^k,
-# single-tensor takes 0.76-0.9x foreach's time for k = 14..18, the same for
-# k = 12 and 20, 1.3x for k = 10 (per-op dispatch); on GPT-2 124M's tensors
-# 0.3x (foreach's list-wide temporaries); alone, one tensor of 2^22 or more
-# is faster with foreach (2.8x at 2^22), a case this rule leaves slower.
+# (bench/results/cpu-step-*.json, 2 threads): with 2^22 elements cut into
+# tensors of 2^k + 3, single-tensor takes 0.75-0.87x foreach's time for
+# k = 14..20, the same for k = 12, 1.27x for k = 10 and 1.47x for k = 8
+# (per-op dispatch); on GPT-2 124M's tensors 0.44x (foreach's list-wide
+# temporaries); but a lone tensor of 2^22 takes 1.4x (2^24: 1.8x), a case
+# this rule leaves slower.
 SINGLE_TENSOR_MIN_NUMEL = 1 << 13
 
 
