@@ -6,6 +6,7 @@ same tensors, in one run, interleaved, plus a CPU copy of the same bytes:
     python bench/cpu_step.py --eager          # foreach vs single-tensor (fused=False), by size
     python bench/cpu_step.py --compile-time   # first step in fresh processes
     python bench/cpu_step.py --numerics       # distance to the reference and to torch-adopt
+    python bench/cpu_step.py --sqrt           # the single-tensor path's sqrt: numpy vs float64
     python bench/cpu_step.py --readme README.md [results.json]   # the README's CPU table
 
 Each repeat times one ``step()`` of every implementation in turn (gradients
@@ -152,6 +153,29 @@ def eager_sweep(repeats):
     return rows
 
 
+def sqrt_routes(repeats):
+    """The single-tensor path (fused=False, foreach=False) on 64 tensors of
+    2^18: its sqrt from numpy against the float64 route it replaced,
+    interleaved in one process."""
+    from adopt_triton import reference
+    params = [torch.nn.Parameter(torch.randn(2**18)) for _ in range(64)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = ADOPT(params, fused=False, foreach=False)
+    opt.step(), opt.step()
+    numpy, times = reference.numpy, {"numpy_ms": [], "float64_ms": []}
+    try:
+        for _ in range(repeats):
+            for key in times:
+                reference.numpy = numpy if key == "numpy_ms" else None  # None: the float64 route
+                times[key].append(timed(opt.step))
+    finally:
+        reference.numpy = numpy
+    result = {key: statistics.median(t) for key, t in times.items()}
+    print("64 x 2^18, single-tensor step: " + ", ".join(f"{k} {v:.1f}" for k, v in result.items()))
+    return [dict(numel=2**18, n_tensors=64, **result)]
+
+
 def numerics(steps=12, numel=2**20 + 7):
     """How far the CPU step lands from the reference (the eager single-tensor
     path) and from torch-adopt's release, on the same gradients spanning ~8
@@ -228,7 +252,8 @@ def readme_table(data):
              "| params | dtype | compiled CPU step, ms | × AdamW fused | GB/s (copy) | bf16 state, ms (×) | "
              "eager default | foreach | single-tensor | torch-adopt | AdamW fused | load |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for case, dtype in dict.fromkeys((r["case"], r["dtype"]) for r in step["rows"]):
+    measured = {(r["case"], r["dtype"]) for r in step["rows"]}
+    for dtype, case in ((d, c) for d in DTYPES for c in CASES if (c, d) in measured):
         ours = rows[(case, dtype, "adopt_triton_cpu")]
         cell = lambda impl: f"{rows[(case, dtype, impl)]['ms']:.1f}" if (case, dtype, impl) in rows else "–"  # noqa: E731
         small_state = rows.get((case, dtype, "adopt_triton_cpu_bf16_state"))
@@ -267,6 +292,7 @@ def main():
     parser.add_argument("--compile-time", action="store_true")
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--numerics", action="store_true")
+    parser.add_argument("--sqrt", action="store_true")
     parser.add_argument("--readme", nargs="+", metavar=("README", "RESULTS"))
     args = parser.parse_args()
     if args.readme:
@@ -282,6 +308,8 @@ def main():
         section, run["rows"] = "threshold", threshold(args.repeats)
     elif args.eager:
         section, run["rows"] = "eager", eager_sweep(args.repeats)
+    elif args.sqrt:
+        section, run["rows"] = "sqrt", sqrt_routes(args.repeats)
     elif args.numerics:
         section, run["rows"] = "numerics", numerics()
     elif args.compile_time:
