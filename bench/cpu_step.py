@@ -14,7 +14,8 @@ set once, before), so load on a shared machine hits all of them alike; the
 ratio to AdamW is the median of the per-repeat ratios. GB/s = the bytes the
 step must move (bench/common.py's byte model, per implementation's state
 dtype) / median time; copy = ``dst.copy_(src)`` moving the same bytes for
-the float32 byte model. Results: bench/results/cpu-step-<cpu>-<date>.json.
+the float32 byte model. Results: bench/results/cpu-step-<cpu>-<date>.json
+(or $ADOPT_BENCH_RESULTS).
 """
 import argparse
 import datetime
@@ -31,11 +32,10 @@ import time
 
 import torch
 
-from common import _gpt2_124m, _small, slug, update_bytes_per_element
+from common import RESULTS_DIR, _gpt2_124m, _small, slug, update_bytes_per_element
 
 from adopt_triton import ADOPT, cpu  # noqa: E402  (after common set TRITON_INTERPRET)
 
-RESULTS_DIR = pathlib.Path(__file__).parent / "results"
 CASES = {"one_tensor_2^24": [(2**24,)], "64_tensors_2^18": [(2**18,)] * 64,
          "gpt2_124m": _gpt2_124m(), "small_tensors_x1000": _small(1000, 4096)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

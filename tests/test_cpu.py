@@ -7,6 +7,7 @@ eager path, with one warning, where torch.compile cannot build it.
 Each variant costs one inductor compilation (seconds, cached on disk by
 torch): the three hyper-parameter sets below cover every flag value."""
 import os
+import pathlib
 import subprocess
 import sys
 import warnings
@@ -235,3 +236,22 @@ def test_compact_storage_and_stochastic_rounding_take_the_reference(options):
             assert torch.equal(opts[0].state[p][key], value), key
     expected = {"state_dtype": [2], "master_weight_bits": [], "bf16_stochastic_round": [0, 1, 2]}
     assert program_of(opts[0]).cpu_positions == expected[next(iter(options))]  # (17 elements: plain)
+
+
+def test_cpu_bench_runs_and_renders_its_table(tmp_path):
+    """bench/cpu_step.py on 1000 small tensors, one repeat, into a scratch
+    results directory, and its README table from that file."""
+    env = dict(os.environ, ADOPT_BENCH_RESULTS=str(tmp_path))
+    bench = str(pathlib.Path(__file__).parents[1] / "bench" / "cpu_step.py")
+    run = subprocess.run([sys.executable, bench, "--cases", "small_tensors_x1000",
+                          "--dtypes", "float32", "--impls", "adopt_triton_cpu,torch_adamw_fused",
+                          "--repeats", "1"], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = next(tmp_path.glob("cpu-step-*.json"))
+    readme = tmp_path / "README.md"
+    readme.write_text("before\n<!-- cpu-step-table:start -->\n<!-- cpu-step-table:end -->\nafter\n")
+    render = subprocess.run([sys.executable, bench, "--readme", str(readme), str(results)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert render.returncode == 0, render.stderr[-3000:]
+    text = readme.read_text()
+    assert "| small_tensors_x1000 | float32 |" in text and text.startswith("before") and text.endswith("after\n")
