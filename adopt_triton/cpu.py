@@ -77,8 +77,8 @@ def _update(*operands, variant):
 def _update_one(param, grad, exp_avg, exp_avg_sq, step, clip, grad_scale, scalars, variant):
     """One step, in place, for 1-D tensors of one size: the reference's
     operations, with its fused multiply-adds explicit. ``step``: the count
-    before this step (0-d); ``clip``: the clip value unless the variant
-    computes the default; ``scalars``: ``_scalars_tensor``'s values."""
+    before this step (0-d); ``clip``: its clip value (0-d; inf: no clip);
+    ``scalars``: ``_scalars_tensor``'s values."""
     fma = torch.ops.prims.fma
     neg_lr, weight_decay, neg_lr_weight_decay, lerp_coeff, lerp_from_end, beta2, \
         one_minus_beta2, eps = scalars.unbind()
