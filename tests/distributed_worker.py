@@ -1,6 +1,8 @@
 """Worker processes of tests/test_distributed.py (gloo, CPU tensors, the fused
 kernel under Triton's interpreter, or the compiled CPU step). Each job trains the same small
 transformer-like model and writes what the test compares to `out_dir`."""
+import contextlib
+import gc
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors on gloo, also on a CUDA machine
@@ -88,14 +90,26 @@ def single_process(steps):
     return full_params(model)
 
 
-def _init(rank, world, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+@contextlib.contextmanager
+def process_group(rank, world, port, backend="gloo", init=None):
+    """The job's process group, torn down together: on success every rank
+    waits for the others and frees the collectives' pending work before the
+    group goes (a gloo rank that exits first, holding some, intermittently
+    aborts in C++ at interpreter exit). On an error no barrier: the others
+    may never reach it."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    (init or dist.init_process_group)(backend, rank=rank, world_size=world)
+    try:
+        yield
+        dist.barrier()
+        gc.collect()
+    finally:
+        dist.destroy_process_group()
 
 
 def fsdp_job(rank, world, port, out_dir, steps, fused=True):
-    _init(rank, world, port)
-    try:
+    with process_group(rank, world, port):
         model = shard(make_model())
         optimizer = ADOPT(model.parameters(), **dict(OPTIONS, fused=fused))
         train(model, optimizer, range(steps), rank, world)
@@ -104,8 +118,6 @@ def fsdp_job(rank, world, port, out_dir, steps, fused=True):
         params = full_params(model)
         if rank == 0:
             torch.save(params, os.path.join(out_dir, f"fsdp_fused{fused}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def offload_job(rank, world, port, out_dir, steps, device="cpu"):
@@ -114,13 +126,10 @@ def offload_job(rank, world, port, out_dir, steps, device="cpu"):
     step on them. On a CPU mesh (gloo) the policy needs pin_memory=False
     (pinning needs an accelerator); on CUDA it is the real thing: forward and
     backward on the GPU, the step on the CPU."""
-    if device == "cuda":  # collectives of CUDA tensors on NCCL, of the CPU shards on gloo
+    if device == "cuda":
         torch.cuda.set_device(rank)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("cpu:gloo,cuda:nccl", rank=rank, world_size=world)
-    else:
-        _init(rank, world, port)
-    try:
+    # collectives of CUDA tensors on NCCL, of the CPU shards on gloo
+    with process_group(rank, world, port, "cpu:gloo,cuda:nccl" if device == "cuda" else "gloo"):
         model = shard(make_model(), offload_policy=CPUOffloadPolicy(pin_memory=device == "cuda"))
         optimizer = ADOPT(model.parameters(), **dict(OPTIONS, fused=None))
         for step in range(steps):
@@ -136,27 +145,21 @@ def offload_job(rank, world, port, out_dir, steps, device="cpu"):
         params = {name: value.cpu() for name, value in full_params(model).items()}
         if rank == 0:
             torch.save(params, os.path.join(out_dir, f"offload_{device}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def ddp_job(rank, world, port, out_dir, steps):
-    _init(rank, world, port)
-    try:
+    with process_group(rank, world, port):
         model = DistributedDataParallel(make_model())
         optimizer = ADOPT(model.parameters(), **OPTIONS)
         train(model, optimizer, range(steps), rank, world)
         if rank == 0:
             torch.save(full_params(model.module), os.path.join(out_dir, "ddp.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def checkpoint_job(rank, world, port, out_dir, steps, save_at):
     """Uninterrupted FSDP run; then a run that saves a distributed checkpoint
     at `save_at`, and a fresh model and optimizer that load it and go on."""
-    _init(rank, world, port)
-    try:
+    with process_group(rank, world, port):
         model, optimizer = sharded_model_and_optimizer()
         train(model, optimizer, range(steps), rank, world)
         straight = full_params(model)
@@ -169,8 +172,6 @@ def checkpoint_job(rank, world, port, out_dir, steps, save_at):
         resumed = resumed_run(rank, world, out_dir, steps, save_at)
         if rank == 0:
             torch.save({"straight": straight, "resumed": resumed}, os.path.join(out_dir, "dcp.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def sharded_model_and_optimizer():
@@ -192,23 +193,17 @@ def resumed_run(rank, world, out_dir, steps, save_at):
 
 def reshard_job(rank, world, port, out_dir, steps, save_at):
     """Load the 2-rank checkpoint into `world` ranks and train on."""
-    _init(rank, world, port)
-    try:
+    with process_group(rank, world, port):
         params = resumed_run(rank, world, out_dir, steps, save_at)
         if rank == 0:
             torch.save(params, os.path.join(out_dir, f"reshard{world}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def deepspeed_job(rank, world, port, out_dir, steps, stage):
     """DeepSpeed ZeRO stage 1/2 with adopt_triton.ADOPT as the client
     optimizer: it updates DeepSpeed's flat fp32 partition of this rank."""
     import deepspeed
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    deepspeed.init_distributed(dist_backend="gloo")
-    try:
+    with process_group(rank, world, port, init=lambda backend, **_: deepspeed.init_distributed(backend)):
         model = make_model()
         optimizer = ADOPT(model.parameters(), **OPTIONS)
         config = {"train_micro_batch_size_per_gpu": BATCH // world, "gradient_accumulation_steps": 1,
@@ -224,14 +219,11 @@ def deepspeed_job(rank, world, port, out_dir, steps, stage):
             engine.step()
         if rank == 0:
             torch.save(full_params(model), os.path.join(out_dir, f"zero{stage}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def mixed_group_job(rank, world, port, out_dir):
     """A param group mixing DTensor and plain tensors: a clear error, nothing updated."""
-    _init(rank, world, port)
-    try:
+    with process_group(rank, world, port):
         sharded = shard(make_model())
         plain = torch.nn.Linear(3, 3)
         optimizer = ADOPT(list(sharded.parameters()) + list(plain.parameters()), **OPTIONS)
@@ -247,5 +239,3 @@ def mixed_group_job(rank, world, port, out_dir):
         unchanged = all(torch.equal(a, b) for a, b in zip(before, plain.parameters()))
         if rank == 0:
             torch.save({"message": message, "unchanged": unchanged}, os.path.join(out_dir, "mixed.pt"))
-    finally:
-        dist.destroy_process_group()
