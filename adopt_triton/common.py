@@ -119,7 +119,8 @@ def fingerprint(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor
     (autograd and the ``.grad`` setter keep their dtype and shape those of
     the param). States and steps are kept alive by whoever caches, so their
     addresses cannot be reused by new tensors. The gradients' addresses
-    come last: they alone may change with no rebuild (``FusedStep.with_grads``).
+    come last: they alone may change with no rebuild
+    (``FusedStep.with_grad_addresses``).
     (``keys`` are fixed when the cache is built.)"""
     return (list(map(_address, params)), list(map(_size, params)), list(map(_stride, params)),
             list(map(_dtype, params)), list(map(_address, exp_avgs)),
@@ -139,3 +140,16 @@ def dense_strides(t: Tensor) -> Optional[Tuple[int, ...]]:
             return None
         expected *= size
     return strides
+
+
+def flat_views(steps: List[Tensor]) -> Optional[List[Tuple[Tensor, List[int]]]]:
+    """(array, the counts' indices in it) for each flat array the step counts
+    are 0-d views of (as the optimizer keeps them), in order of first use;
+    None if any count is not such a view."""
+    by_base: dict = {}
+    for step in steps:
+        base = step._base
+        if base is None or base.dim() != 1 or base.stride(0) != 1 or step.dim() != 0:
+            return None
+        by_base.setdefault(id(base), (base, []))[1].append(step.storage_offset() - base.storage_offset())
+    return list(by_base.values())

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from adopt_triton.clip import ClipEvaluator
 from adopt_triton.common import (Hyper, Scaling, Tensors, as_real, default_clip_lambda,
-                                 dense_strides, fingerprint, local_shard)
+                                 dense_strides, fingerprint, flat_views, local_shard)
 from adopt_triton.kernels import adopt as kernel
 
 
@@ -65,14 +65,12 @@ def _address(t: Optional[Tensor]) -> int:
 
 
 def _in_flat(steps: List[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
-    """(flat array, index) if every step count is a 0-d view of one 1-D
-    float32 array (as the optimizer keeps them), else None."""
-    base = steps[0]._base if steps else None
-    if base is None or base.dim() != 1 or base.stride(0) != 1 or \
-            any(s._base is not base or s.dim() != 0 for s in steps):
+    """(flat array, index) if every step count is a view of one flat array, else None."""
+    views = flat_views(steps)
+    if views is None or len(views) != 1:
         return None
-    start = base.storage_offset()
-    return base, torch.tensor([s.storage_offset() - start for s in steps], device=base.device)
+    base, indices = views[0]
+    return base, torch.tensor(indices, device=base.device)
 
 
 def _layout(param: Tensor) -> Tensor:
@@ -90,7 +88,7 @@ class FusedStep:
     strides) goes through a staging buffer kept for the next steps.
 
     The tables address the gradients of the step it was built for:
-    ``with_grads`` gives one for new gradient tensors of the same layout."""
+    ``with_grad_addresses`` gives one for new gradient tensors of the same layout."""
 
     def __init__(self, tensors: Tensors, *, fingerprint_: Optional[tuple] = None):
         self.tensors = tensors._replace(grads=[None] * len(tensors.grads))  # not kept alive

@@ -1,6 +1,4 @@
 """``adopt_triton.ADOPT``: torch-adopt's optimizer class, run by a fused Triton kernel."""
-import math
-import pickle
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
@@ -12,109 +10,10 @@ from adopt_triton import dispatch, fused as fused_path, quantize, state as state
 from adopt_triton.clip import ClipEvaluator
 from adopt_triton.common import Hyper, Scaling, Tensors, default_clip_lambda
 from adopt_triton.kernels import adopt as kernel
+from adopt_triton.options import (EXECUTION_FLAGS, FLAG_DEFAULTS, STATE_DTYPES, PickledClip,
+                                  check_hyperparameters, refuse_duplicates, step_count)
 from adopt_triton.program import (COMPACT_KEYS, GroupProgram, OptimizerState, custom_clip, grads_of,
                                   has_grad)
-
-_FLAG_DEFAULTS = dict(maximize=False, foreach=None, capturable=False, differentiable=False,
-                      fused=None)
-# How this process runs the update, as opposed to what is being trained.
-_EXECUTION_FLAGS = ("foreach", "fused", "capturable", "differentiable")
-STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.int8)
-
-
-def _check_hyperparameters(group: dict) -> None:
-    """The constructor's validation (torch-adopt's rules and messages), applied to every param group."""
-    lr = group["lr"]
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if not 0.0 <= group["eps"]:
-        raise ValueError(f"Invalid epsilon value: {group['eps']}")
-    betas = group["betas"]
-    if len(betas) != 2:
-        raise ValueError(f"Invalid betas: {betas} (expected a pair (beta1, beta2))")
-    for index, beta in enumerate(betas):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
-    if not 0.0 <= group["weight_decay"]:
-        raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
-    for name in ("lr", "eps", "weight_decay"):
-        value = group[name]
-        if not isinstance(value, Tensor) and kernel.f32(float(value)) == float("inf"):
-            raise ValueError(f"Invalid {name}: {value} (beyond float32, in which the update is computed)")
-    if group["fused"]:
-        if group["differentiable"]:
-            raise RuntimeError("`fused` does not support `differentiable`")
-        if group["foreach"]:
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-        for param in group["params"]:
-            dispatch.check_fused_supported(param)
-    if group["capturable"]:
-        if group["differentiable"] or group["foreach"] or group["fused"] is False:
-            raise ValueError("capturable=True runs on the fused kernel: it cannot be combined with "
-                             "fused=False, foreach=True or differentiable=True")
-        for param in group["params"]:
-            reason = dispatch.eager_reason(group["fused"], param)
-            if reason is not None:
-                raise RuntimeError(f"ADOPT(capturable=True) needs the fused kernel for every "
-                                   f"parameter: {reason}")
-
-
-def _step_count(value, what: str) -> Tensor:
-    """A step count as the optimizer keeps it (a float32 scalar), from any
-    dtype or one-element shape torch-adopt accepts; a count that is not a
-    whole number >= 0 is refused (a step of -1 would turn every param NaN)."""
-    step = torch.as_tensor(value).detach()
-    if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool:
-        raise ValueError(f"ADOPT: {what} must be one number, got {value!r}")
-    number = float(step)
-    if not (math.isfinite(number) and number >= 0 and number == int(number) and number < 2**24):
-        raise ValueError(f"ADOPT: {what} is {number}; a step count is a whole number in "
-                         "[0, 2**24) (float32 counts exactly up to there)")
-    return step.reshape(()).to(torch.float32)
-
-
-class _PickledClip:
-    """An optimizer's clip_lambda in its pickles: itself where it pickles,
-    else (a lambda, a local function) a stand-in that refuses to be used,
-    so that an unpickled optimizer never steps with another clip silently.
-    Deep copies keep the callable itself."""
-
-    def __init__(self, clip_lambda):
-        self.clip_lambda = clip_lambda
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __reduce__(self):
-        try:
-            pickle.dumps(self.clip_lambda)
-        except Exception:
-            return _PickledClip, (_UnpickledClip(repr(self.clip_lambda)),)
-        return _PickledClip, (self.clip_lambda,)
-
-
-class _UnpickledClip:
-    def __init__(self, description: str):
-        self.description = description
-
-    def __call__(self, step):
-        raise RuntimeError(f"ADOPT was unpickled without its clip_lambda ({self.description}), which "
-                           "could not be pickled: set optimizer.clip_lambda before stepping")
-
-
-def _refuse_duplicates(groups: List[dict], params: List[Tensor]) -> None:
-    """Each parameter once: a repeated one would be updated twice per step
-    (in one launch, by two programs writing the same memory at once)."""
-    seen = {id(p): (f"param_groups[{g}]['params'][{i}]") for g, group in enumerate(groups)
-            for i, p in enumerate(group["params"])}
-    for index, param in enumerate(params):
-        where = f"param_groups[{len(groups)}]['params'][{index}]"
-        if id(param) in seen:
-            raise ValueError(f"ADOPT: {where} (shape {tuple(param.shape)}) is the same tensor as "
-                             f"{seen[id(param)]}; each parameter may appear only once")
-        seen[id(param)] = where
 
 
 class ADOPT(Optimizer):
@@ -192,7 +91,7 @@ class ADOPT(Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decouple=decouple,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused)
-        _check_hyperparameters(dict(defaults, params=[]))
+        check_hyperparameters(dict(defaults, params=[]))
         if capturable and custom_clip(clip_lambda) and \
                 not ClipEvaluator(clip_lambda).takes_tensors(torch.device("cpu")):
             raise ValueError(
@@ -218,19 +117,19 @@ class ADOPT(Optimizer):
                     master_weight_bits=self.master_weight_bits,
                     bf16_stochastic_round=self.bf16_stochastic_round,
                     stochastic_round_seed=self.stochastic_round_seed,
-                    clip_lambda=_PickledClip(self.clip_lambda))
+                    clip_lambda=PickledClip(self.clip_lambda))
 
     def __setstate__(self, state: dict) -> None:
-        clip = state.pop("clip_lambda", _PickledClip(default_clip_lambda))
+        clip = state.pop("clip_lambda", PickledClip(default_clip_lambda))
         super().__setstate__(state)
-        self.clip_lambda = clip.clip_lambda if isinstance(clip, _PickledClip) else clip
+        self.clip_lambda = clip.clip_lambda if isinstance(clip, PickledClip) else clip
         self.state = OptimizerState(self.state)
         for name in ("state_dtype", "stochastic_round_seed", "master_weight_bits"):
             self.__dict__.setdefault(name, None)
         self.__dict__.setdefault("bf16_stochastic_round", False)
         self._register_hooks()
         for group in self.param_groups:
-            for key, value in _FLAG_DEFAULTS.items():
+            for key, value in FLAG_DEFAULTS.items():
                 group.setdefault(key, value)
         self._reset_caches()
         ADOPT._place_steps(self)
@@ -241,11 +140,11 @@ class ADOPT(Optimizer):
             param_group["params"] = [params]
         elif not isinstance(params, set):  # torch.optim raises its own error for a set
             param_group["params"] = list(params)
-            _refuse_duplicates(self.param_groups, param_group["params"])
+            refuse_duplicates(self.param_groups, param_group["params"])
         super().add_param_group(param_group)
         try:
             group = self.param_groups[-1]
-            _check_hyperparameters(group)
+            check_hyperparameters(group)
             for param in group["params"]:
                 state_format.check_options(self.state_dtype, self.master_weight_bits, group, param)
         except (ValueError, RuntimeError):
@@ -287,8 +186,8 @@ class ADOPT(Optimizer):
         trained. Hyper-parameters and state come from the checkpoint."""
         for index, saved in state_dict["state"].items():
             if "step" in saved:  # refused before anything is loaded
-                _step_count(saved["step"], f"the checkpoint's step of state {index}")
-        groups = [dict(saved, **{key: group[key] for key in _EXECUTION_FLAGS})
+                step_count(saved["step"], f"the checkpoint's step of state {index}")
+        groups = [dict(saved, **{key: group[key] for key in EXECUTION_FLAGS})
                   for saved, group in zip(state_dict["param_groups"], optimizer.param_groups)]
         # Keep the checkpoint's own state tensors for _convert_loaded_state:
         # Optimizer.load_state_dict casts them to the param dtype (lossy for a
@@ -326,7 +225,7 @@ class ADOPT(Optimizer):
             for param in group["params"]:
                 state = optimizer.state.get(param, {})
                 if "step" in state:
-                    state["step"] = _step_count(state["step"], "a step count").to(
+                    state["step"] = step_count(state["step"], "a step count").to(
                         dispatch.step_device(ADOPT._fused(group), param))
 
     @staticmethod
@@ -359,7 +258,7 @@ class ADOPT(Optimizer):
                         s._base is base and s.storage_offset() - base.storage_offset() == i
                         for i, s in enumerate(steps)):
                 continue
-            flat = torch.stack([_step_count(s, "a step count").to(device) for s in steps])
+            flat = torch.stack([step_count(s, "a step count").to(device) for s in steps])
             for state, view in zip(states, flat.unbind(0)):
                 state["step"] = view
 

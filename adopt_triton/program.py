@@ -10,7 +10,7 @@ dtype or layout moved (``reuse``), and runs.
 from collections import defaultdict
 from itertools import compress, repeat
 from operator import attrgetter, is_not, itemgetter
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 from adopt_triton import dispatch, reference
 from adopt_triton.clip import ClipEvaluator
 from adopt_triton.common import (Hyper, Scaling, Tensors, default_clip_lambda, fingerprint,
-                                 local_shard)
+                                 flat_views, local_shard)
 from adopt_triton.cpu import CpuStep
 from adopt_triton.fused import FusedStep, advance_steps
 from adopt_triton.kernels import adopt as kernel
@@ -82,18 +82,11 @@ def _flat_advance(steps: List[Tensor]) -> Optional[List[Tuple[Tensor, Optional[T
     """How to add one to these step counts in one op per flat array they are
     views of: (array, None or the index of the counts, ones); None if they
     are not all views of flat arrays."""
-    by_base: Dict[int, Tuple[Tensor, List[int]]] = {}
-    for step in steps:
-        base = step._base
-        if base is None or base.dim() != 1:
-            return None
-        by_base.setdefault(id(base), (base, []))[1].append(step.storage_offset() - base.storage_offset())
-    plan = []
-    for base, indices in by_base.values():
-        whole = indices == list(range(base.numel()))
-        plan.append((base, None if whole else torch.tensor(indices, device=base.device),
-                     torch.ones(len(indices), device=base.device)))
-    return plan
+    views = flat_views(steps)
+    if views is None:
+        return None
+    return [(base, None if indices == list(range(base.numel())) else torch.tensor(indices, device=base.device),
+             torch.ones(len(indices), device=base.device)) for base, indices in views]
 
 
 class GroupProgram:

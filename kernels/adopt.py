@@ -33,7 +33,7 @@ hyper-parameters pre-rounded to float32 on the host (``StepScalars``), so the
 kernel is bit-exact to the reference on the CPU interpreter and on the GPU.
 """
 import os
-from typing import Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence
 
 import torch
 import triton

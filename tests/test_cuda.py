@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from adopt_triton import ADOPT
-from harness import STATE_KEYS, assert_bitwise_equal, assert_same_run, wide_grad
+from harness import assert_bitwise_equal, assert_same_run, wide_grad
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

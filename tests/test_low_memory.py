@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from adopt_triton import ADOPT, ADOPT8bit, quantize
-from harness import assert_bitwise_equal, through_disk, wide_grad
+from harness import assert_bitwise_equal, through_disk
 
 # 4099 and 64 x 100 are quantised (>= 4096 elements), the others keep float32 state.
 SHAPES = [(64, 100), (4099,), (17,), (5, 7, 9)]

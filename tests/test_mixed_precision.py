@@ -1,7 +1,6 @@
 """bf16/fp16 parameters, bf16 optimizer state and stochastic rounding, all in
 the one-pass kernel: rounding, accuracy against float32, unbiasedness,
 reproducibility, training, checkpoints, bad input."""
-import io
 import itertools
 import warnings
 

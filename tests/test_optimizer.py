@@ -1,6 +1,5 @@
 """The optimizer class: validation, dispatch, layouts, state_dict."""
 import inspect
-import io
 
 import adopt
 import pytest

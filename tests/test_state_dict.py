@@ -1,12 +1,11 @@
 """state_dict: save, reload and continue exactly; cross-load with torch-adopt both ways."""
-import io
 
 import adopt
 import pytest
 import torch
 
 from adopt_triton import ADOPT
-from harness import assert_bitwise_equal, make_params, through_disk, wide_grad
+from harness import assert_bitwise_equal, make_params, through_disk
 
 SHAPES = [(1,), (17,), (6, 11), (2, 3, 5, 4)]
 SAVE_AT, TOTAL = 6, 12
