@@ -5,7 +5,8 @@ list of tensors at once, so the Python cost is per list, not per tensor.
 Tensors are grouped by their step count, so each gets its own first-step case
 and clip value (torch-adopt's foreach path takes both from the first tensor).
 Numerics: as the reference, except that the square root is ATen's float32
-``sqrt`` (the reference rounds a float64 one): within float32 tolerance.
+``sqrt`` (the reference's is correctly rounded: numpy's on CPU tensors, a
+float64 one rounded once elsewhere): within float32 tolerance.
 """
 from typing import Dict, List
 

@@ -40,8 +40,10 @@ class ADOPT(Optimizer):
     (1.0 on the first update) and returns the clip value; ``None`` disables
     clipping (the paper's Algorithm 1). Like torch-adopt, it is kept on the
     optimizer, not in ``state_dict``. The default ``n ** 0.25`` is computed in
-    the kernel; any other callable is evaluated on the device on a float32
-    tensor of step counts (as torch-adopt's foreach path does).
+    the kernel; any other callable is evaluated on the device on a float64
+    tensor of step counts where it computes element-wise there, else once
+    per distinct count on the host (as torch-adopt calls it), which reads
+    the counts. It is never called for a first step.
 
     Beyond torch-adopt's signature (keyword-only): ``state_dtype`` (None:
     float32 for bf16/fp16 params, the param's dtype otherwise; or

@@ -264,10 +264,11 @@ def adopt(tensors: Tensors, hyper: Hyper, *, fused: Optional[bool] = None,
           capturable: bool = False) -> None:
     """Functional ADOPT over lists of tensors, as ``torch.optim.adam.adam``:
     each tensor goes to the fused kernel (as ``fused`` decides, see
-    ``dispatch.use_fused``) or to an eager path (``foreach``; the reference
-    for compact storage or stochastic rounding), and its step count is
-    incremented. The step counts of tensors on the fused path must be
-    float32 scalars on their parameter's device. ``stochastic_round_seed``
+    ``dispatch.use_fused``), to the compiled CPU step (CPU tensors, see
+    ``dispatch.use_cpu_step``) or to an eager path (``foreach``; the
+    reference for compact storage or stochastic rounding), and its step
+    count is incremented. The step counts of tensors on the kernel or the
+    CPU step must be float32 scalars on their parameter's device. ``stochastic_round_seed``
     keys the random bits of 8-bit state and of bf16 stores rounded
     stochastically (``bf16_stochastic_round``). Everything is checked before
     anything is updated."""

@@ -23,8 +23,8 @@
 #
 # $OUT (default /tmp/adopt-gpu-out) holds, after every stage, the results JSON,
 # summary.txt and logs.tar.gz (each stage's log, junit XML, benchmark JSON,
-# device info); at the end the rendered table (.md) and plots (.png): at most
-# 7 files. A stage cut by its time box is interrupted with SIGINT, so pytest
+# device info); at the end the rendered table (.md) and plots (.png): 6 files,
+# never more than 8. A stage cut by its time box is interrupted with SIGINT, so pytest
 # and the bench scripts still write what they measured (every row is merged
 # into the JSON as soon as it is measured).
 # Exit status 0 when every stage that ran passed, 1 when one failed or was cut

@@ -4,9 +4,10 @@ configuration from one seed, to compare optimizer memory with quality:
 
 - ``adopt_fp32_state``: ADOPT, float32 params and state (12 bytes per param)
 - ``adopt_bf16_state``: float32 params, bf16 exp_avg/exp_avg_sq (8)
-- ``adopt_8bit_state``: float32 params, 8-bit exp_avg/exp_avg_sq (~6.06)
+- ``adopt_8bit_state``: float32 params, 8-bit exp_avg/exp_avg_sq (~6.17: 6.125,
+  plus the float32 state of tensors under 4096 elements)
 - ``adopt_bf16_8bit_master24``: bf16 params, 8-bit state, 24-bit master
-  weights (bf16 param + 8-bit remainder: ~5.06)
+  weights (bf16 param + 8-bit remainder: ~5.17)
 - ``adamw_fused``: ``torch.optim.AdamW(fused=True)``, the baseline users know (12)
 
     python examples/gpt_train.py                          # CPU defaults, all runs < 10 min
