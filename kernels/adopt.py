@@ -10,8 +10,9 @@ learning-rate schedule never recompiles.
 One launch covers a list of tensors of one device, param dtype and state
 dtype. Every tensor is cut into blocks of ``BLOCK_SIZE`` elements; program
 ``pid`` looks up its tensor in ``block_tensor`` and that tensor's row in
-``meta`` (first block, numel, addresses of p, g, m, v, the index of its step
-count in a flat float32 array, whether its addresses are 16-byte aligned).
+``meta`` (first block, numel, the addresses of p, g, m, v and its step count,
+whether p, g, m, v are 16-byte aligned, for compact storage the addresses of
+the block maxima and the remainder, and its random-stream key).
 The program issues its data loads before it reads the step count: the count
 (first step or update) and the clip value only matter once the data is in
 registers. Each tensor's own count picks its case and clip value, so tensors
@@ -281,10 +282,12 @@ class Tables(NamedTuple):
 
 def _aligned(meta: torch.Tensor) -> torch.Tensor:
     """1 where all of p, g, m, v and the remainder (if any) of a row sit on
-    16-byte boundaries."""
-    columns = [META_PARAM.value, META_GRAD.value, META_EXP_AVG.value, META_EXP_AVG_SQ.value,
-               META_REMAINDER.value]
-    return (meta[:, columns] % 16 == 0).all(dim=1).long()
+    16-byte boundaries (a few whole-column ops: this runs whenever new
+    gradient storage arrives)."""
+    low = meta[:, META_REMAINDER.value]
+    for column in (META_PARAM, META_GRAD, META_EXP_AVG, META_EXP_AVG_SQ):
+        low = low | meta[:, column.value]
+    return ((low & 15) == 0).long()
 
 
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:

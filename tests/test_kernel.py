@@ -157,3 +157,23 @@ def test_direct_launch_passes_every_argument_where_the_jit_would(monkeypatch):
     for name, value in expected.items():
         assert by_direct[name] == value, name
     assert by_direct["meta_ptr"].dtype == torch.int64 and by_direct["block_tensor_ptr"].dtype == torch.int32
+
+
+def test_tables_flag_a_row_aligned_only_when_every_operand_is():
+    """The ALIGNED column lets the compiled kernel use 16-byte vector
+    accesses: one misaligned operand (p, g, m, v or the remainder) clears
+    it, and new gradient addresses recompute it."""
+    from adopt_triton.kernels import adopt as kernel
+    aligned = [4096 * (i + 1) for i in range(8)]  # p, g, m, v, step, scales, remainder
+    rows = [list(aligned) for _ in range(7)]
+    for row, column in enumerate([0, 1, 2, 3, 7]):  # rows 0-4: one operand 8 bytes off
+        rows[row][column] += 8
+    rows[5][4] += 4  # the step count and block maxima are read as scalars: no matter
+    rows[6][5] += 4
+    tables = kernel.make_tables([100] * 7, rows, torch.device("cpu"))
+    flags = tables.meta_host[:, kernel.META_ALIGNED.value].tolist()
+    assert flags == [0, 0, 0, 0, 0, 1, 1]
+    moved = kernel.with_grad_addresses(tables, torch.tensor([0, 1, 5]), [4096, 4096, 4104])
+    assert moved.meta_host[:, kernel.META_ALIGNED.value].tolist() == [0, 1, 0, 0, 0, 0, 1]
+    assert moved.meta_host[:, kernel.META_GRAD.value].tolist()[:2] == [4096, 4096]
+    assert tables.meta_host[:, kernel.META_ALIGNED.value].tolist() == flags  # the old tables untouched
