@@ -94,6 +94,16 @@ def memory_order(t: Tensor) -> Tuple[int, ...]:
     return tuple(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
 
 
+def visited(param: Tensor, exp_avg: Tensor) -> Tensor:
+    """The tensor in whose memory order the update visits a parameter's
+    elements: its 8-bit ``exp_avg`` codes where it has them (their blocks,
+    and ``exp_avg_sq``'s, run over the codes' own memory order, so that a
+    param whose layout changed after its state was made, e.g. a
+    channels_last model resumed from a contiguous checkpoint, still reads
+    its blocks right), else the param."""
+    return exp_avg if exp_avg.dtype == torch.int8 else param
+
+
 def store_back(stored: List[Tensor], computed: List[Tensor]) -> None:
     """Copy upcast results back into their storage (one rounding each)."""
     for original, result in zip(stored, computed):

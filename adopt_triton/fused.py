@@ -17,7 +17,7 @@ from torch import Tensor
 
 from adopt_triton.clip import ClipEvaluator
 from adopt_triton.common import (Hyper, Scaling, Tensors, as_real, default_clip_lambda,
-                                 dense_strides, fingerprint, flat_views, local_shard)
+                                 dense_strides, fingerprint, flat_views, local_shard, visited)
 from adopt_triton.kernels import adopt as kernel
 
 
@@ -74,8 +74,9 @@ def _in_flat(steps: List[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
 
 
 def _layout(param: Tensor) -> Tensor:
-    """A tensor with the layout the kernel will see for ``param``: itself if
-    it is dense, else a contiguous one."""
+    """A tensor with the layout the kernel will see for ``param`` (the
+    tensor ``common.visited`` names): itself if it is dense, else a
+    contiguous one. Operands of other layouts are staged."""
     return param if dense_strides(param) is not None else torch.empty_like(
         param, memory_format=torch.contiguous_format)
 
@@ -107,7 +108,7 @@ class FusedStep:
         numels, addresses, grad_rows, grad_positions, staged = [], [], [], [], []
         for row_index, position in enumerate(positions):
             operands = [_entry(tensors, name, position) for name in _OPERANDS]
-            layout = _layout(operands[0])
+            layout = _layout(visited(operands[0], operands[2]))
             strides = dense_strides(layout)
             row = []
             for column, operand in enumerate(operands):

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from adopt_triton import quantize
-from adopt_triton.common import Hyper, Tensors, as_real, memory_order, store_back, upcast
+from adopt_triton.common import Hyper, Tensors, as_real, memory_order, store_back, upcast, visited
 
 try:
     import numpy
@@ -112,7 +112,8 @@ def compact(tensors: Tensors, index: int) -> bool:
 
 
 def _compact_step(tensors: Tensors, index: int, hyper: Hyper, seed: int, stochastic: bool) -> None:
-    """One step of one tensor stored compactly, in its memory order: decode,
+    """One step of one tensor stored compactly, in the memory order of
+    ``common.visited`` (the kernel's): decode,
     ``update``, encode (rounding as the kernel does, with its random bits)."""
     param, grad, exp_avg, exp_avg_sq = (as_real(column[index]) for column in tensors[:4])
     step_t = tensors.steps[index]
@@ -120,7 +121,7 @@ def _compact_step(tensors: Tensors, index: int, hyper: Hyper, seed: int, stochas
     exp_avg_sq_scale = _column(tensors, "exp_avg_sq_scales", index)
     remainder = _column(tensors, "remainders", index)
     key = index if tensors.keys is None else tensors.keys[index]
-    order = memory_order(param)
+    order = memory_order(visited(param, exp_avg))
     flat = lambda t: t.permute(order).reshape(-1)  # noqa: E731
     n = float(step_t)
     master = upcast(flat(param)) if remainder is None else quantize.join_master(flat(param), flat(remainder))

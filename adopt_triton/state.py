@@ -10,8 +10,12 @@ Keys (besides ``step``):
 | 8-bit (``state_dtype=torch.int8``) | int8 codes of m | uint8 codes of sqrt(v) | ``exp_avg_scale``, ``exp_avg_sq_scale``: float32 block maxima |
 | master weights | | | ``param_remainder``: int16 (32 bits) or int8 (24 bits), the param's shape |
 
-Codes and remainders have the param's shape and strides; blocks run over
-the param's memory order (``common.memory_order``), as the kernel visits it.
+Codes and remainders are made with the param's shape and strides; blocks
+run over the memory order of the ``exp_avg`` codes (``common.visited``), as
+the kernel visits them, so codes whose layout no longer matches their param
+(the param became channels_last, a contiguous checkpoint was loaded into a
+channels_last model) are still read right, and kept as they are: the
+kernel stages the param and gradient into the codes' layout instead.
 """
 from typing import Dict, Optional
 
@@ -20,7 +24,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from adopt_triton import quantize
-from adopt_triton.common import memory_order
+from adopt_triton.common import memory_order, visited
 
 EXP_AVG_SCALE, EXP_AVG_SQ_SCALE, REMAINDER = "exp_avg_scale", "exp_avg_sq_scale", "param_remainder"
 
@@ -84,7 +88,7 @@ def moments(param: Tensor, saved: dict):
     shape: as they are, or decoded from 8-bit codes (v = sqrt(v) ** 2)."""
     if EXP_AVG_SCALE not in saved:
         return saved["exp_avg"].float(), saved["exp_avg_sq"].float()
-    order = memory_order(param)
+    order = memory_order(visited(param, saved["exp_avg"]))
     exp_avg = quantize.decode_exp_avg(_flat(saved["exp_avg"], order), saved[EXP_AVG_SCALE])
     root = quantize.decode_sqrt_exp_avg_sq(_flat(saved["exp_avg_sq"], order), saved[EXP_AVG_SQ_SCALE])
     return _shaped(exp_avg, param, order), _shaped(root * root, param, order)

@@ -273,3 +273,60 @@ def test_a_deep_copy_keeps_the_formats_and_steps_like_the_original():
     train(opt, params, more)
     train(twin, twin_params, more)
     assert_same_state(opt, params, twin, twin_params)
+
+
+def column_major(t):
+    """The same values, the other memory order (as a channels_last model has)."""
+    return t.detach().t().contiguous().t()
+
+
+@pytest.mark.parametrize("change", ["param_data", "checkpoint"])
+@pytest.mark.parametrize("options", [
+    dict(state_dtype=torch.int8),
+    dict(state_dtype=torch.int8, master_weight_bits=24, bf16_stochastic_round=True),
+], ids=["8bit", "8bit-master24-sr"])
+@pytest.mark.parametrize("path", ["kernel", "cpu_default", "eager"])
+def test_a_param_whose_layout_changes_under_its_8bit_state_trains_on_identically(
+        kernel_device, path, options, change):
+    """8-bit blocks run over the codes' own memory order: a param that
+    changes memory order mid-run (``p.data = ...``) or is resumed from a
+    checkpoint made in the other order keeps reading its blocks right (the
+    kernel stages the param instead), and the run equals an unchanged one."""
+    dtype = torch.bfloat16 if "master_weight_bits" in options else torch.float32
+    device, fused = {"kernel": (kernel_device, True), "cpu_default": ("cpu", None), "eager": ("cpu", False)}[path]
+    grads = gradients(12, dtype)
+
+    def make(params):
+        return ADOPT(params, lr=1e-2, weight_decay=0.01, fused=fused, stochastic_round_seed=5, **options)
+    straight = make_params(dtype, device)
+    straight_opt = make(straight)
+    train(straight_opt, straight, grads)
+    changed = make_params(dtype, device)
+    opt = make(changed)
+    train(opt, changed, grads[:6])
+    if change == "param_data":
+        changed[0].data = column_major(changed[0])
+    else:
+        checkpoint = through_disk(opt.state_dict())
+        changed = [torch.nn.Parameter(column_major(p) if i == 0 else p.detach().clone())
+                   for i, p in enumerate(changed)]
+        opt = make(changed)
+        opt.load_state_dict(checkpoint)
+    assert changed[0].stride() != opt.state[changed[0]]["exp_avg"].stride()
+    train(opt, changed, grads[6:])
+    assert_same_state(opt, changed, straight_opt, straight)
+
+
+def test_8bit_codes_in_another_layout_than_their_param_decode_right():
+    """An 8-bit checkpoint loaded into a float32-state optimizer whose param
+    has the other memory order: the moments decode to the same values."""
+    params = make_params()
+    eight = ADOPT8bit(params, lr=1e-2)
+    train(eight, params, gradients(5))
+    checkpoint = through_disk(eight.state_dict())
+    relaid = [torch.nn.Parameter(column_major(p) if i == 0 else p.detach().clone()) for i, p in enumerate(params)]
+    plain, same = ADOPT(relaid, lr=1e-2), ADOPT([p.detach().clone() for p in params], lr=1e-2)
+    plain.load_state_dict(checkpoint)
+    same.load_state_dict(checkpoint)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert_bitwise_equal(plain.state[relaid[0]][key], same.state[same.param_groups[0]["params"][0]][key], key)
