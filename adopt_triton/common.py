@@ -125,9 +125,8 @@ def fingerprint(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor
                 remainders: Optional[list] = None, keys: Optional[list] = None) -> tuple:
     """Everything a cached step's checks and launch tables depend on, for
     local (not DTensor) tensors, in a few C-level passes: every address;
-    the params' shapes, strides and dtypes; the gradients' sizes and strides
-    (autograd and the ``.grad`` setter keep their dtype and shape those of
-    the param). States and steps are kept alive by whoever caches, so their
+    the params' shapes, strides and dtypes; the gradients' sizes, strides
+    and dtypes (``p.grad.data = ...`` can change any of them). States and steps are kept alive by whoever caches, so their
     addresses cannot be reused by new tensors. The gradients' addresses
     come last: they alone may change with no rebuild
     (``FusedStep.with_grad_addresses``).
@@ -136,7 +135,8 @@ def fingerprint(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor
             list(map(_dtype, params)), list(map(_address, exp_avgs)),
             list(map(_address, exp_avg_sqs)), list(map(_address, steps)),
             _addresses(exp_avg_scales), _addresses(exp_avg_sq_scales), _addresses(remainders),
-            list(map(_numel, grads)), list(map(_stride, grads)), list(map(_address, grads)))
+            list(map(_numel, grads)), list(map(_stride, grads)), list(map(_dtype, grads)),
+            list(map(_address, grads)))
 
 
 def dense_strides(t: Tensor) -> Optional[Tuple[int, ...]]:
@@ -155,10 +155,10 @@ def dense_strides(t: Tensor) -> Optional[Tuple[int, ...]]:
 def flat_views(steps: List[Tensor]) -> Optional[List[Tuple[Tensor, List[int]]]]:
     """(array, the counts' indices in it) for each flat array the step counts
     are 0-d views of (as the optimizer keeps them), in order of first use;
-    None if any count is not such a view."""
+    None if any count is not such a view (or not a tensor)."""
     by_base: dict = {}
     for step in steps:
-        base = step._base
+        base = getattr(step, "_base", None)
         if base is None or base.dim() != 1 or base.stride(0) != 1 or step.dim() != 0:
             return None
         by_base.setdefault(id(base), (base, []))[1].append(step.storage_offset() - base.storage_offset())

@@ -118,10 +118,11 @@ def _check_operands(index: int, param: Tensor, grad: Tensor, exp_avg: Tensor,
         if name == "exp_avg_sq":
             allowed = (torch.uint8 if exp_avg.dtype == torch.int8 else exp_avg.dtype,)
         if t.shape != param.shape or t.dtype not in allowed or t.device != param.device:
+            fix = "a gradient has its parameter's shape, dtype and device" if name == "grad" else \
+                "a state made for another dtype or shape must be converted or dropped (opt.state.pop(p))"
             raise RuntimeError(
                 f"ADOPT: the {name} of parameter {index} ({tuple(t.shape)}, {t.dtype}, {t.device}) "
-                f"does not match it ({tuple(param.shape)}, {param.dtype}, {param.device}); a state "
-                "made for another dtype or shape must be converted or dropped (opt.state.pop(p))")
+                f"does not match it ({tuple(param.shape)}, {param.dtype}, {param.device}); {fix}")
     for name, t in (("parameter", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         if torch._debug_has_internal_overlap(local_shard(t)) == 1:
             raise RuntimeError(

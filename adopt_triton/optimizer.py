@@ -8,7 +8,7 @@ from torch.optim import Optimizer
 
 from adopt_triton import dispatch, fused as fused_path, quantize, state as state_format
 from adopt_triton.clip import ClipEvaluator
-from adopt_triton.common import Hyper, Scaling, Tensors, default_clip_lambda
+from adopt_triton.common import Hyper, Scaling, Tensors, default_clip_lambda, flat_views
 from adopt_triton.kernels import adopt as kernel
 from adopt_triton.options import (EXECUTION_FLAGS, FLAG_DEFAULTS, STATE_DTYPES, PickledClip,
                                   check_hyperparameters, refuse_duplicates, step_count)
@@ -149,7 +149,7 @@ class ADOPT(Optimizer):
             check_hyperparameters(group)
             for param in group["params"]:
                 state_format.check_options(self.state_dtype, self.master_weight_bits, group, param)
-        except (ValueError, RuntimeError):
+        except Exception:  # the group is refused whole, whatever the error
             self.param_groups.pop()
             raise
 
@@ -185,7 +185,16 @@ class ADOPT(Optimizer):
         """Keep this optimizer's foreach/fused/capturable/differentiable when
         loading a checkpoint (``Optimizer.load_state_dict`` would take the
         checkpoint's): they say how to run on this machine, not what was
-        trained. Hyper-parameters and state come from the checkpoint."""
+        trained. Hyper-parameters and state come from the checkpoint. What
+        torch would refuse is refused here first, so that a refused load
+        changes nothing (the seed and converted state wait for the post-hook)."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(optimizer.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        if any(len(saved["params"]) != len(group["params"])
+               for saved, group in zip(saved_groups, optimizer.param_groups)):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match the size "
+                             "of optimizer's group")
         for index, saved in state_dict["state"].items():
             if "step" in saved:  # refused before anything is loaded
                 step_count(saved["step"], f"the checkpoint's step of state {index}")
@@ -196,26 +205,26 @@ class ADOPT(Optimizer):
         # float32 state of bf16 params).
         saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        optimizer._loaded_state = {p: state_dict["state"][i] for i, p in zip(saved_ids, params)
-                                   if i in state_dict["state"]}
-        seed = state_dict.get("adopt_triton", {}).get("stochastic_round_seed")
-        if seed is not None and optimizer.stochastic_round_seed is not None:
-            optimizer.stochastic_round_seed = seed  # the resumed run continues the same random stream
-        return dict(state_dict, param_groups=groups + state_dict["param_groups"][len(groups):])
+        loaded = {p: state_dict["state"][i] for i, p in zip(saved_ids, params) if i in state_dict["state"]}
+        optimizer._pending_load = (loaded, state_dict.get("adopt_triton", {}).get("stochastic_round_seed"))
+        return dict(state_dict, param_groups=groups)
 
     @staticmethod
     def _convert_loaded_state(optimizer: "ADOPT") -> None:
         """A loaded state takes this optimizer's format (``state.converted``:
         float32 -> bf16 and float32 -> 8-bit round to nearest, bf16 ->
         float32 is exact, 8-bit -> float32 decodes), converted from the
-        checkpoint's own tensors; step goes where it is read."""
-        for param, saved in getattr(optimizer, "_loaded_state", {}).items():
+        checkpoint's own tensors; step goes where it is read. The checkpoint's
+        stochastic-rounding seed continues its random stream."""
+        loaded, seed = optimizer.__dict__.pop("_pending_load", ({}, None))
+        for param, saved in loaded.items():
             current = optimizer.state[param]
             for key in ("exp_avg", "exp_avg_sq", *COMPACT_KEYS):
                 current.pop(key, None)
             current.update(state_format.converted(param, saved, optimizer._state_dtype(param),
                                                   optimizer.master_weight_bits))
-        optimizer._loaded_state = {}
+        if seed is not None and optimizer.stochastic_round_seed is not None:
+            optimizer.stochastic_round_seed = seed
         ADOPT._place_steps(optimizer)
         optimizer._reset_caches()
 
@@ -254,12 +263,12 @@ class ADOPT(Optimizer):
                 by_device.setdefault(dispatch.step_device(fused_flag, param), []).append(state)
         for device, states in by_device.items():
             steps = [state["step"] for state in states]
-            base = steps[0]._base
-            if base is not None and base.device == device and base.dim() == 1 \
-                    and base.numel() == len(steps) and base.dtype == torch.float32 and all(
-                        s._base is base and s.storage_offset() - base.storage_offset() == i
-                        for i, s in enumerate(steps)):
-                continue
+            views = flat_views(steps)
+            if views is not None and len(views) == 1:
+                base, indices = views[0]
+                if base.device == device and base.dtype == torch.float32 and \
+                        indices == list(range(base.numel())):
+                    continue
             flat = torch.stack([step_count(s, "a step count").to(device) for s in steps])
             for state, view in zip(states, flat.unbind(0)):
                 state["step"] = view

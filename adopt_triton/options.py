@@ -2,6 +2,7 @@
 constructor's and param groups' options, step counts from checkpoints,
 parameter lists, and how a clip_lambda travels in pickles."""
 import math
+import numbers
 import pickle
 from typing import List
 
@@ -21,6 +22,9 @@ STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.int8)
 def check_hyperparameters(group: dict) -> None:
     """The constructor's validation (torch-adopt's rules and messages), applied to every param group."""
     lr = group["lr"]
+    for name in ("lr", "eps", "weight_decay"):
+        if not isinstance(group[name], (numbers.Real, Tensor)):
+            raise TypeError(f"Invalid {name}: {group[name]!r} (expected a number)")
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
     if not 0.0 <= lr:
@@ -28,16 +32,20 @@ def check_hyperparameters(group: dict) -> None:
     if not 0.0 <= group["eps"]:
         raise ValueError(f"Invalid epsilon value: {group['eps']}")
     betas = group["betas"]
-    if len(betas) != 2:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2 or \
+            not all(isinstance(beta, (numbers.Real, Tensor)) for beta in betas):
         raise ValueError(f"Invalid betas: {betas} (expected a pair (beta1, beta2))")
     for index, beta in enumerate(betas):
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
     if not 0.0 <= group["weight_decay"]:
         raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
-    for name in ("lr", "eps", "weight_decay"):
-        value = group[name]
-        if not isinstance(value, Tensor) and kernel.f32(float(value)) == float("inf"):
+    # A tensor lr too (one host read, here only: the kernel reads it on the
+    # device at each step, unchecked, so a value written into it later is not).
+    values = {name: float(group[name]) for name in ("lr", "eps", "weight_decay")}
+    values["lr * weight_decay"] = values["lr"] * values["weight_decay"]
+    for name, value in values.items():
+        if kernel.f32(value) == float("inf"):
             raise ValueError(f"Invalid {name}: {value} (beyond float32, in which the update is computed)")
     if group["fused"]:
         if group["differentiable"]:

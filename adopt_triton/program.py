@@ -138,7 +138,7 @@ class GroupProgram:
             current = self._fingerprint(Tensors(params, grads, list(map(_EXP_AVG, states)),
                                                 list(map(_EXP_AVG_SQ, states)),
                                                 list(map(_STEP, states)), *self._compact_columns(states)))
-        except (KeyError, RuntimeError, AttributeError):  # state gone, sparse or odd tensors
+        except (KeyError, RuntimeError, AttributeError, TypeError):  # state gone, sparse, not tensors
             return False
         if current[:-1] != self.fingerprint[:-1]:
             return False

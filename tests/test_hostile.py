@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from adopt_triton import ADOPT
-from harness import (ReferenceRun, against_torch_adopt, assert_unchanged, hyper, make_params,
-                     snapshot, through_disk, wide_grad)
+from harness import (ReferenceRun, against_torch_adopt, assert_bitwise_equal, assert_unchanged, hyper,
+                     make_params, snapshot, through_disk, wide_grad)
 
 PATHS = {"fused": dict(fused=True), "foreach": dict(fused=False, foreach=True),
          "single_tensor": dict(fused=False, foreach=False)}
@@ -145,6 +145,11 @@ def test_a_step_count_assigned_mid_run_is_converted_or_refused(path):
     opt.state[params[0]]["step"] = torch.tensor([5], dtype=torch.int64)
     opt.step()
     assert float(opt.state[params[0]]["step"]) == 6 and opt.state[params[0]]["step"].dtype == torch.float32
+    opt.state[params[2]]["step"] = 3  # a Python number, as torch-adopt's own checkpoints never hold
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert float(opt.state[params[2]]["step"]) == 4 and opt.state[params[2]]["step"].dtype == torch.float32
     opt.state[params[1]]["step"] = torch.tensor(-1.0)
     for p in params:
         p.grad = torch.randn_like(p)
@@ -284,3 +289,78 @@ def test_beta1_zero_is_bit_exact_except_the_sign_of_a_zero_exp_avg(kernel_device
         assert torch.equal(ours.abs(), ref.abs())
         torch.testing.assert_close(p.detach().cpu(), expected.tensors.params[i], rtol=0, atol=0)
         assert torch.equal(opt.state[p]["exp_avg_sq"].cpu(), expected.tensors.exp_avg_sqs[i])
+
+
+@pytest.mark.parametrize("bad,error", [
+    (dict(lr="0.1"), TypeError), (dict(lr=None), TypeError), (dict(eps=None), TypeError),
+    (dict(betas=0.9), ValueError), (dict(betas=(0.9, "a")), ValueError),
+    (dict(lr=torch.tensor(1e39, dtype=torch.float64)), ValueError),
+    (dict(lr=torch.tensor(1e20), weight_decay=1e20), ValueError),
+], ids=["lr_str", "lr_none", "eps_none", "betas_float", "betas_str", "tensor_lr_1e39", "lr_times_wd"])
+def test_a_bad_param_group_is_refused_whole(path, bad, error):
+    """The error names the value, the optimizer keeps its groups as they
+    were, and the same params can then be added correctly."""
+    params, opt = stepped(path)
+    flags, device = path
+    extra = make_params([(9,)], device)
+    with pytest.raises(error, match="Invalid"):
+        opt.add_param_group(dict(params=extra, **bad))
+    with pytest.raises(error, match="Invalid"):
+        ADOPT(extra, **flags, **bad)
+    assert len(opt.param_groups) == 1
+    opt.add_param_group(dict(params=extra, lr=1e-2))
+    extra[0].grad = torch.randn_like(extra[0])
+    opt.step()
+    assert float(opt.state[extra[0]]["step"]) == 1
+
+
+def test_a_refused_load_changes_nothing():
+    """torch refuses a checkpoint whose groups do not fit; the checkpoint's
+    stochastic-rounding seed and state must not have been taken before."""
+    source_params = make_params([(5000,), (7,)])
+    source = ADOPT(source_params, state_dtype=torch.int8, stochastic_round_seed=777)
+    for p in source_params:
+        p.grad = torch.randn_like(p)
+    source.step()
+    checkpoint = source.state_dict()
+    params = make_params([(5000,)])
+    opt = ADOPT(params, state_dtype=torch.int8, stochastic_round_seed=1)
+    params[0].grad = torch.randn_like(params[0])
+    opt.step()
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match="doesn't match the size"):
+        opt.load_state_dict(checkpoint)
+    assert opt.stochastic_round_seed == 1
+    assert_unchanged(opt, params, before)
+    fitting = ADOPT(make_params([(5000,), (7,)]), state_dtype=torch.int8, stochastic_round_seed=1)
+    fitting.load_state_dict(checkpoint)
+    assert fitting.stochastic_round_seed == 777
+
+
+def test_a_clip_value_beyond_float32_clips_nothing_on_every_path(path):
+    """The update clamps in float32, where 1e39 is inf: no clip, on every
+    path, decided before any update (torch-adopt raises an overflow error
+    from ATen after updating the groups before)."""
+    runs = []
+    for clip in (lambda n: 1e39, None):
+        flags, device = path
+        params = make_params(SHAPES, device, seed=3)
+        opt = ADOPT(params[:1], clip_lambda=clip, **flags)
+        opt.add_param_group(dict(params=params[1:]))
+        gen = torch.Generator().manual_seed(8)
+        for step in range(10):
+            for i, p in enumerate(params):  # the first starts late: first and later steps in one step()
+                p.grad = None if i == 0 and step < 3 else \
+                    (torch.randn(p.shape, generator=gen) * 100).to(device)
+            opt.step()
+        runs.append(snapshot(opt, params))
+    for index, (clipped, unclipped) in enumerate(zip(*runs)):
+        assert_bitwise_equal(clipped, unclipped, f"item {index}")
+
+
+def test_a_gradient_whose_dtype_changed_under_data_is_refused(path):
+    """``p.grad.data = `` a tensor of another dtype after the step was cached:
+    refused (the kernel would read its bytes as the param's dtype)."""
+    params, opt = stepped(path)
+    params[0].grad.data = torch.ones(params[0].shape, dtype=torch.float16, device=params[0].device)
+    refuses(opt, params, RuntimeError, "the grad of parameter 0 .*float16.* a gradient has its parameter's")
