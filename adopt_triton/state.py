@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from adopt_triton import quantize
-from adopt_triton.common import memory_order, visited
+from adopt_triton.common import memory_order, upcast, visited
 
 EXP_AVG_SCALE, EXP_AVG_SQ_SCALE, REMAINDER = "exp_avg_scale", "exp_avg_sq_scale", "param_remainder"
 
@@ -84,10 +84,11 @@ def _shaped(flat: Tensor, param: Tensor, order) -> Tensor:
 
 
 def moments(param: Tensor, saved: dict):
-    """A saved state's exp_avg and exp_avg_sq as float32 tensors of param's
-    shape: as they are, or decoded from 8-bit codes (v = sqrt(v) ** 2)."""
+    """A saved state's exp_avg and exp_avg_sq as tensors of param's shape:
+    as they are (bf16/fp16 upcast to float32; float64 and complex kept
+    exactly), or decoded from 8-bit codes to float32 (v = sqrt(v) ** 2)."""
     if EXP_AVG_SCALE not in saved:
-        return saved["exp_avg"].float(), saved["exp_avg_sq"].float()
+        return upcast(saved["exp_avg"]), upcast(saved["exp_avg_sq"])
     order = memory_order(visited(param, saved["exp_avg"]))
     exp_avg = quantize.decode_exp_avg(_flat(saved["exp_avg"], order), saved[EXP_AVG_SCALE])
     root = quantize.decode_sqrt_exp_avg_sq(_flat(saved["exp_avg_sq"], order), saved[EXP_AVG_SQ_SCALE])

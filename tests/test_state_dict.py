@@ -102,3 +102,32 @@ def test_state_dict_layout_is_torch_adopts():
         assert a["state"][index].keys() == b["state"][index].keys()
         for key, value in b["state"][index].items():
             assert (a["state"][index][key].dtype, a["state"][index][key].shape) == (value.dtype, value.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.float64], ids=str)
+@pytest.mark.parametrize("flags", [dict(fused=False, foreach=False), dict(fused=False, foreach=True),
+                                   dict(fused=None), "torch_adopt"],
+                         ids=["single_tensor", "foreach", "default", "from_torch_adopt"])
+def test_complex_and_float64_state_loads_exactly_and_training_goes_on(dtype, flags):
+    """The loaded state keeps its dtype's every bit (a complex state keeps its
+    imaginary part, a float64 state its precision), whoever saved it."""
+    params = make_params(SHAPES, dtype=dtype, seed=5)
+    saver = adopt.ADOPT(params, **OPTIONS) if flags == "torch_adopt" else ADOPT(params, **flags, **OPTIONS)
+    options = dict(fused=False, foreach=False) if flags == "torch_adopt" else flags
+    gen = torch.Generator().manual_seed(6)
+    grads = [[torch.randn(s, generator=gen, dtype=dtype) for s in SHAPES] for _ in range(TOTAL)]
+    train(saver, params, grads[:SAVE_AT])
+    checkpoint = through_disk(saver.state_dict())
+    loaded_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    loader = ADOPT(loaded_params, **options, **OPTIONS)
+    loader.load_state_dict(checkpoint)
+    for index, p in enumerate(loaded_params):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert_bitwise_equal(loader.state[p][key], checkpoint["state"][index][key], f"{index} {key}")
+    train(saver, params, grads[SAVE_AT:])  # the uninterrupted run
+    train(loader, loaded_params, grads[SAVE_AT:])
+    for index, (a, b) in enumerate(zip(loaded_params, params)):
+        if flags == "torch_adopt":  # its numerics: float32 tolerance
+            torch.testing.assert_close(a, b, msg=f"param {index}")
+        else:
+            assert_bitwise_equal(a, b, f"param {index}")
