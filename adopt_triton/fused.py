@@ -298,10 +298,18 @@ def traced_fused_adopt(tensors: Tensors, hyper: Hyper, scaling: Scaling, seed: i
     exp_avg_sq_scales, _ = _present(tensors.exp_avg_sq_scales)
     remainders, _ = _present(tensors.remainders)
     keys = list(range(len(tensors.params))) if tensors.keys is None else tensors.keys
-    _fused_adopt_op(*tensors[:5], exp_avg_scales, exp_avg_sq_scales, quantized, remainders, keys,
+    # Inductor cannot functionalize a custom op mutating complex tensors (or
+    # views of them): complex ones go in as real copies, copied back after.
+    real = [[as_real(t).clone() if t.is_complex() else t for t in column] for column in tensors[:4]]
+    _fused_adopt_op(*real, tensors.steps, exp_avg_scales, exp_avg_sq_scales, quantized, remainders, keys,
                     lr_tensor=lr_tensor, lr=0.0 if lr_tensor is not None else float(lr),
                     beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps,
                     weight_decay=hyper.weight_decay, decouple=hyper.decouple,
                     maximize=hyper.maximize, default_clip=hyper.clip_lambda is not None,
                     clip_values=clip_values, grad_scale=scaling.grad_scale,
                     found_inf=scaling.found_inf, seed=seed, stochastic=stochastic, owner=owner, slot=slot)
+    with torch.no_grad():
+        for column, copies in zip((tensors.params, tensors.exp_avgs, tensors.exp_avg_sqs), real[:1] + real[2:]):
+            for t, copy in zip(column, copies):
+                if t.is_complex():
+                    as_real(t).copy_(copy)

@@ -93,6 +93,37 @@ def test_compiled_step_with_8bit_state_and_master_weights_matches_eager(kernel_d
     assert compiled_opt.state[compiled_params[1]]["exp_avg"].dtype == torch.int8
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_step_with_complex_params_matches_eager(kernel_device, backend):
+    """Complex params beside real ones: inductor cannot functionalize an op
+    mutating complex tensors, so they go through it as real copies."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(8)
+    start = [torch.randn(s, generator=gen, dtype=dtype) for s, dtype in
+             (((9,), torch.complex64), ((5, 7), torch.float32), ((3, 4), torch.complex64))]
+    compiled_params, eager_params = ([torch.nn.Parameter(t.clone().to(kernel_device)) for t in start]
+                                     for _ in range(2))
+    options = dict(weight_decay=0.1, fused=True)
+    compiled_opt = ADOPT(compiled_params, lr=torch.tensor(1e-2, device=kernel_device), **options)
+    eager_opt = ADOPT(eager_params, lr=torch.tensor(1e-2, device=kernel_device), **options)
+    counter = CompileCounterWithBackend(backend)
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def compiled_step():
+        compiled_opt.step()
+    for step in range(10):
+        for a, b in zip(compiled_params, eager_params):
+            a.grad = torch.randn(a.shape, generator=gen, dtype=a.dtype).to(kernel_device)
+            b.grad = a.grad.clone()
+        compiled_step()
+        eager_opt.step()
+    assert counter.frame_count <= 2
+    for a, b in zip(compiled_params, eager_params):
+        assert_bitwise_equal(a, b, "param")
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert_bitwise_equal(compiled_opt.state[a][key], eager_opt.state[b][key], key)
+
+
 def test_fused_op_is_registered_with_its_mutations():
     op = torch.ops.adopt_triton.fused_adopt_.default
     mutated = [a.name for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
