@@ -226,7 +226,9 @@ class CpuStep:
             for kind, entries in self.calls:
                 operands = []
                 for slot, (position, param, exp_avg, exp_avg_sq) in enumerate(entries):
-                    grad = grads[position] if self.plain_grads else _real_local(grads[position])
+                    # detached: a gradient that requires grad (create_graph=True) would be
+                    # another guard of the compiled step, and a recompile mid-step
+                    grad = _real_local(grads[position])
                     operands += (param, _flat(grad), exp_avg, exp_avg_sq, self.steps[position],
                                  clips[slot][counts[position]])
                 compiled[kind, len(entries)](*operands, grad_scale, scalars_t)

@@ -138,6 +138,26 @@ def test_compiled_once_for_any_size_offset_step_count_and_lr():
     assert counters["stats"]["unique_graphs"] == compiled
 
 
+def test_gradients_that_require_grad_neither_recompile_nor_stop_a_step():
+    """create_graph=True leaves gradients that require grad, in any pattern
+    from step to step: the compiled step sees them detached (one graph per
+    arity), and the run equals the reference."""
+    shapes = [(8192 + k,) for k in range(2 * cpu.SLOTS)]
+    params, reference = make_params(shapes, seed=4), make_params(shapes, seed=4)
+    opt, ref = ADOPT(params, lr=1e-2), ADOPT(reference, lr=1e-2, fused=False, foreach=False)
+    compiled = None
+    for step in range(10):
+        for k, (p, q) in enumerate(zip(params, reference)):
+            q.grad = torch.randn_like(q)
+            p.grad = q.grad.clone().requires_grad_(bool((step * 2654435761 >> k) & 1))
+        opt.step()
+        ref.step()
+        if step == 0:
+            compiled = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == compiled
+    assert_same_run(params, [opt.state[p] for p in params], reference, [ref.state[q] for q in reference])
+
+
 def test_cpu_tensors_take_the_cpu_step_unless_fused_false(launches, monkeypatch):
     used = []
     monkeypatch.setattr(cpu.CpuStep, "run", lambda self, *a: used.append("cpu") or True)
