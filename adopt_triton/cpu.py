@@ -116,18 +116,18 @@ def compiled_step(variant: Variant):
     update = types.FunctionType(code, _update.__globals__, code.co_name)
     update.__kwdefaults__ = {"variant": variant}
     try:
-        step = torch.compile(update, dynamic=True, fullgraph=True)
+        # No contraction and no unsafe math, whatever the environment asks, for
+        # this compilation and any later one (a recompile after a guard failure).
+        step = torch.compile(update, dynamic=True, fullgraph=True,
+                             options={"cpp.enable_floating_point_contract_flag": "off",
+                                      "cpp.enable_unsafe_math_opt_flag": False})
         importlib.import_module("torch._inductor.inductor_prims")  # registers prims.fma
         probe = []  # distinct tensors (an input passed twice would be compiled apart)
         for slot in range(variant.slots):  # of different sizes: none is assumed equal to another
             probe += [torch.zeros(PROBE_NUMEL + slot, dtype=dtype) for dtype in
                       (variant.dtype,) * 2 + (variant.state_dtype,) * 2]
             probe += [torch.ones(()), torch.ones(())]
-        # Grad mode as in every call (it is part of the compiled entry); no
-        # contraction and no unsafe math, whatever the environment asks.
-        inductor_config = importlib.import_module("torch._inductor.config")
-        with torch.no_grad(), inductor_config.patch({"cpp.enable_floating_point_contract_flag": "off",
-                                                     "cpp.enable_unsafe_math_opt_flag": False}):
+        with torch.no_grad():  # grad mode as in every call (it is part of the compiled entry)
             step(*probe, torch.ones(()) if variant.grad_scale else None, _scalars_tensor(
                 StepScalars.make(lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)))
     except Exception as error:  # noqa: BLE001  (any failure: the eager path still works)
