@@ -17,8 +17,6 @@ from typing import Callable, Dict
 import torch
 from torch import Tensor
 
-from adopt_triton.kernels.scalars import f32
-
 # Step counts the probe evaluates both ways (float64, as the host's floats).
 _PROBE = (1.0, 2.0, 3.0, 7.0, 10.0, 1000.0, 123457.0)
 
@@ -67,10 +65,8 @@ class ClipEvaluator:
 
     def by_count(self, counts) -> Dict[float, float]:
         """The value for each distinct step count (floats), evaluated on the
-        host as torch-adopt evaluates it, rounded to the float32 the update
-        clamps in (as the kernel takes it: a value beyond float32 is inf, no
-        clip, on every path); first steps are left out."""
-        return {n: f32(self._number(n)) for n in set(counts) if n != 0}
+        host as torch-adopt evaluates it; first steps are left out."""
+        return {n: self._number(n) for n in set(counts) if n != 0}
 
     def on_device(self, counts: Tensor, *, capturable: bool) -> Tensor:
         """float32 clip values for a 1-D float32 tensor of step ``counts``,

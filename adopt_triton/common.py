@@ -7,6 +7,8 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
+from adopt_triton.kernels.scalars import f32
+
 
 def default_clip_lambda(step):
     """The clip schedule of torch-adopt and of the paper's Algorithm 2: n ** 0.25."""
@@ -78,6 +80,13 @@ def local_shard(t: Tensor) -> Tensor:
 def as_real(t: Tensor) -> Tensor:
     """Complex numbers are updated as pairs of reals (torch.view_as_real)."""
     return torch.view_as_real(t) if t.is_complex() else t
+
+
+def clip_for(clip: float, dtype: torch.dtype) -> float:
+    """A clip value as a clamp in ``dtype`` takes it: rounded to float32 for
+    float32 math, as the kernel does (a value beyond float32 is inf: no
+    clip, where ATen's clamp would raise), as it is for float64."""
+    return f32(clip) if dtype == torch.float32 else clip
 
 
 def upcast(t: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ from typing import Dict, List
 
 import torch
 
-from adopt_triton.common import Hyper, Tensors, as_real, local_shard, store_back, upcast
+from adopt_triton.common import Hyper, Tensors, as_real, clip_for, local_shard, store_back, upcast
 
 
 def foreach_adopt(tensors: Tensors, hyper: Hyper) -> None:
@@ -21,10 +21,10 @@ def foreach_adopt(tensors: Tensors, hyper: Hyper) -> None:
     # Element-wise, so DTensor shards (FSDP2) are updated as their local tensors.
     stored = [[as_real(local_shard(t)) for t in column] for column in tensors[:4]]
     computed = [[upcast(t) for t in column] for column in stored]  # float32 math, as the reference
-    by_step: Dict[float, List[int]] = {}
+    by_step: Dict[tuple, List[int]] = {}  # and computed dtype: a clip value is taken as a clamp in it
     for index, step in enumerate(torch.stack(tensors.steps).tolist()):  # one host read, not one per tensor
-        by_step.setdefault(step, []).append(index)
-    for n, indices in by_step.items():
+        by_step.setdefault((step, computed[0][index].dtype), []).append(index)
+    for (n, dtype), indices in by_step.items():
         param, grad, exp_avg, exp_avg_sq = ([column[i] for i in indices] for column in computed)
         if maximize:
             grad = torch._foreach_neg(grad)
@@ -40,7 +40,7 @@ def foreach_adopt(tensors: Tensors, hyper: Hyper) -> None:
         torch._foreach_maximum_(denom, eps)
         update = torch._foreach_div(grad, denom)
         if clip_lambda is not None:
-            clip = clip_lambda(n)
+            clip = clip_for(clip_lambda(n), dtype)
             torch._foreach_maximum_(update, -clip)
             torch._foreach_minimum_(update, clip)
         torch._foreach_lerp_(exp_avg, update, 1 - beta1)

@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 
 from adopt_triton import quantize
-from adopt_triton.common import Hyper, Tensors, as_real, memory_order, store_back, upcast, visited
+from adopt_triton.common import (Hyper, Tensors, as_real, clip_for, memory_order, store_back, upcast,
+                                 visited)
 
 try:
     import numpy
@@ -75,7 +76,7 @@ def update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, n: 
     denom = (_sqrt(exp_avg_sq) if root is None else root).clamp(min=eps)  # delayed v
     normalized = grad / denom
     if clip_lambda is not None:
-        clip = clip_lambda(n)
+        clip = clip_for(clip_lambda(n), normalized.dtype)
         normalized = normalized.clamp(-clip, clip)
     exp_avg = exp_avg.lerp(normalized, 1 - beta1)                      # fma
     param = param.add(exp_avg, alpha=-lr)                              # fma

@@ -5,6 +5,7 @@ import copy
 import math
 import pickle
 
+import adopt
 import numpy as np
 import pytest
 import torch
@@ -356,6 +357,25 @@ def test_a_clip_value_beyond_float32_clips_nothing_on_every_path(path):
         runs.append(snapshot(opt, params))
     for index, (clipped, unclipped) in enumerate(zip(*runs)):
         assert_bitwise_equal(clipped, unclipped, f"item {index}")
+
+
+@pytest.mark.parametrize("flags", [dict(fused=False, foreach=True), dict(fused=False, foreach=False)],
+                         ids=["foreach", "single_tensor"])
+def test_float64_params_clamp_a_custom_clip_in_float64(flags):
+    """Only float32 math takes a clip value rounded to float32: float64
+    params (eager paths) clamp with it as torch-adopt does, bit for bit."""
+    params, theirs = make_params(SHAPES, dtype=torch.float64, seed=4), make_params(SHAPES, dtype=torch.float64, seed=4)
+    ours = ADOPT(params, clip_lambda=lambda n: 0.1, **flags)
+    reference = adopt.ADOPT(theirs, clip_lambda=lambda n: 0.1, foreach=False)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(10):
+        for p, q in zip(params, theirs):
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            q.grad = p.grad.clone()
+        ours.step()
+        reference.step()
+    for p, q in zip(params, theirs):
+        assert_bitwise_equal(p, q, "param")
 
 
 def test_a_gradient_whose_dtype_changed_under_data_is_refused(path):
