@@ -39,7 +39,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from adopt_triton.common import Hyper, Scaling, Tensors, as_real, dense_strides, local_shard
+from adopt_triton.common import Hyper, Scaling, Tensors, as_real, dense_strides, flat_views, local_shard
 from adopt_triton.kernels.adopt import StepScalars
 
 # Tensors below this many elements go through a bucket. Measured
@@ -277,12 +277,10 @@ class CpuStep:
 def _count_reader(steps: List[Tensor]):
     """A function returning the step counts as floats: one read of the flat
     array they are views of (as the optimizer keeps them), else of a stack."""
-    base = steps[0]._base if steps else None
-    if base is None or base.dim() != 1 or base.stride(0) != 1 or \
-            any(s._base is not base for s in steps):
+    views = flat_views(steps)
+    if views is None or len(views) != 1:
         return lambda: torch.stack(steps).tolist()
-    start = base.storage_offset()
-    index = [s.storage_offset() - start for s in steps]
+    base, index = views[0]
 
     def read():
         values = base.tolist()

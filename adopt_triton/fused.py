@@ -298,9 +298,11 @@ def traced_fused_adopt(tensors: Tensors, hyper: Hyper, scaling: Scaling, seed: i
     exp_avg_sq_scales, _ = _present(tensors.exp_avg_sq_scales)
     remainders, _ = _present(tensors.remainders)
     keys = list(range(len(tensors.params))) if tensors.keys is None else tensors.keys
-    # Inductor cannot functionalize a custom op mutating complex tensors (or
-    # views of them): complex ones go in as real copies, copied back after.
-    real = [[as_real(t).clone() if t.is_complex() else t for t in column] for column in tensors[:4]]
+    # Inductor cannot functionalize a custom op taking complex tensors, nor
+    # one mutating views of them: complex gradients (only read) go in as real
+    # views, complex params and states as real copies, copied back after.
+    real = [[as_real(t) if column is tensors.grads else as_real(t).clone() if t.is_complex() else t
+             for t in column] for column in tensors[:4]]
     _fused_adopt_op(*real, tensors.steps, exp_avg_scales, exp_avg_sq_scales, quantized, remainders, keys,
                     lr_tensor=lr_tensor, lr=0.0 if lr_tensor is not None else float(lr),
                     beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps,

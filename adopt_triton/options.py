@@ -42,11 +42,9 @@ def check_hyperparameters(group: dict) -> None:
         raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
     # A tensor lr too (one host read, here only: the kernel reads it on the
     # device at each step, unchecked, so a value written into it later is not).
-    values = {name: float(group[name]) for name in ("lr", "eps", "weight_decay")}
-    values["lr * weight_decay"] = values["lr"] * values["weight_decay"]
-    for name, value in values.items():
-        if kernel.f32(value) == float("inf"):
-            raise ValueError(f"Invalid {name}: {value} (beyond float32, in which the update is computed)")
+    beyond = kernel.beyond_float32(*(float(group[name]) for name in ("lr", "eps", "weight_decay")))
+    if beyond is not None:
+        raise ValueError(f"Invalid {beyond[0]}: {beyond[1]} (beyond float32, in which the update is computed)")
     if group["fused"]:
         if group["differentiable"]:
             raise RuntimeError("`fused` does not support `differentiable`")

@@ -244,11 +244,10 @@ def _advance(plan, steps: List[Tensor], found_inf: Optional[Tensor]) -> None:
 def scalars_for(hyper: Hyper, lr: Optional[float]) -> kernel.StepScalars:
     """The float32 scalars, refusing values float32 cannot hold (an update
     with inf would turn every param NaN or inf)."""
-    for name, value in (("lr", lr), ("weight_decay", hyper.weight_decay), ("eps", hyper.eps),
-                        ("lr * weight_decay", None if lr is None else lr * hyper.weight_decay)):
-        if value is not None and kernel.f32(value) in (float("inf"), float("-inf")):
-            raise ValueError(f"ADOPT: {name}={value} is beyond the float32 range the update is "
-                             "computed in")
+    beyond = kernel.beyond_float32(lr, hyper.eps, hyper.weight_decay)
+    if beyond is not None:
+        raise ValueError(f"ADOPT: {beyond[0]}={beyond[1]} is beyond the float32 range the update is "
+                         "computed in")
     return kernel.StepScalars.make(lr=0.0 if lr is None else lr, beta1=hyper.beta1,
                                    beta2=hyper.beta2, eps=hyper.eps, weight_decay=hyper.weight_decay)
 

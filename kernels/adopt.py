@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .scalars import StepScalars, f32  # noqa: F401  (kernel.f32, kernel.StepScalars)
+from .scalars import StepScalars, beyond_float32, f32  # noqa: F401  (re-exported as kernel.*)
 from .compact import (EXP_AVG_DIVISOR, EXP_AVG_SQ_LEVELS, QUANT_BLOCK, decode_exp_avg, load_master,
                       load_scales, random_words, store_exp_avg, store_master, store_sqrt_exp_avg_sq)
 

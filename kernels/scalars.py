@@ -1,7 +1,7 @@
 """The fused kernel's runtime hyper-parameters, rounded to float32 on the
 host as ATen rounds the reference's Python scalars."""
 import struct
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Tuple
 
 
 def f32(x: float) -> float:
@@ -10,6 +10,16 @@ def f32(x: float) -> float:
         return struct.unpack("f", struct.pack("f", x))[0]
     except OverflowError:  # rounds beyond the largest float32
         return float("inf") if x > 0 else float("-inf")
+
+
+def beyond_float32(lr: Optional[float], eps: float, weight_decay: float) -> Optional[Tuple[str, float]]:
+    """The first of lr, eps, weight_decay and lr * weight_decay (lr None:
+    read elsewhere, not checked) that float32 cannot hold, as (name, value),
+    else None: an update with inf would turn every param NaN or inf."""
+    values = (("lr", lr), ("eps", eps), ("weight_decay", weight_decay),
+              ("lr * weight_decay", None if lr is None else lr * weight_decay))
+    return next(((name, value) for name, value in values
+                 if value is not None and abs(f32(value)) == float("inf")), None)
 
 
 class StepScalars(NamedTuple):
