@@ -259,7 +259,9 @@ class CpuStep:
         return self._compiled_for[1]
 
     def _bucket(self, positions: List[int], grads: List[Tensor]) -> _Bucket:
-        """The bucket of these tensors (made the first time), filled."""
+        """The bucket of these tensors (made the first time), filled. Only
+        copied from, so plain gradients need no real view, no detach (small
+        tensors: per-tensor work counts)."""
         step_grads = [grads[i] for i in positions]
         if not self.plain_grads:
             step_grads = [_real_local(g) for g in step_grads]
