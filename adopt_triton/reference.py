@@ -31,10 +31,11 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from adopt_triton import quantize
-from adopt_triton.common import (Hyper, Tensors, as_real, clip_for, memory_order, store_back, upcast,
-                                 visited)
+from adopt_triton.common import (Hyper, Tensors, as_real, clip_for, local_shard, memory_order, store_back,
+                                 upcast, visited)
 
 try:
     import numpy
@@ -50,7 +51,7 @@ def _sqrt(t: Tensor) -> Tensor:
     rounded once (correct for float32: a float64 sqrt within 1 ulp cannot
     cross a float32 rounding boundary)."""
     if numpy is not None and t.device.type == "cpu" and not t.requires_grad \
-            and t.dtype in (torch.float32, torch.float64):
+            and t.dtype in (torch.float32, torch.float64) and not isinstance(t, DTensor):
         out = torch.empty_like(t)
         with numpy.errstate(invalid="ignore"):  # NaN for negatives, as ATen's
             numpy.sqrt(t.numpy(), out=out.numpy())
@@ -93,12 +94,20 @@ def adopt(tensors: Tensors, hyper: Hyper, *, seed: Optional[int] = None,
         if stochastic or compact(tensors, index):
             _compact_step(tensors, index, hyper, seed or 0, stochastic)
             continue
-        param, grad, exp_avg, exp_avg_sq, step_t = (column[index] for column in tensors[:5])
-        param, grad, exp_avg, exp_avg_sq = map(as_real, (param, grad, exp_avg, exp_avg_sq))
+        param, grad, exp_avg, exp_avg_sq = (_operand(column[index]) for column in tensors[:4])
+        step_t = tensors.steps[index]
         stored = [param, exp_avg, exp_avg_sq]
         computed = update(*map(upcast, (param, grad, exp_avg, exp_avg_sq)), float(step_t), hyper)
         store_back(stored, list(computed))
         step_t += 1
+
+
+def _operand(t: Tensor) -> Tensor:
+    """A tensor as the update reads and writes it: complex as pairs of reals,
+    a DTensor (FSDP2) as its local shard, the update being element-wise;
+    under autograd (differentiable=True) the DTensor itself, whose local
+    view could not be written in place."""
+    return as_real(t if torch.is_grad_enabled() else local_shard(t))
 
 
 def _column(tensors: Tensors, name: str, index: int):
@@ -116,7 +125,7 @@ def _compact_step(tensors: Tensors, index: int, hyper: Hyper, seed: int, stochas
     """One step of one tensor stored compactly, in the memory order of
     ``common.visited`` (the kernel's): decode,
     ``update``, encode (rounding as the kernel does, with its random bits)."""
-    param, grad, exp_avg, exp_avg_sq = (as_real(column[index]) for column in tensors[:4])
+    param, grad, exp_avg, exp_avg_sq = (_operand(column[index]) for column in tensors[:4])
     step_t = tensors.steps[index]
     exp_avg_scale = _column(tensors, "exp_avg_scales", index)
     exp_avg_sq_scale = _column(tensors, "exp_avg_sq_scales", index)

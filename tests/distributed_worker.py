@@ -108,16 +108,16 @@ def process_group(rank, world, port, backend="gloo", init=None):
         dist.destroy_process_group()
 
 
-def fsdp_job(rank, world, port, out_dir, steps, fused=True):
+def fsdp_job(rank, world, port, out_dir, steps, name, options):
     with process_group(rank, world, port):
         model = shard(make_model())
-        optimizer = ADOPT(model.parameters(), **dict(OPTIONS, fused=fused))
+        optimizer = ADOPT(model.parameters(), **dict(OPTIONS, **options))
         train(model, optimizer, range(steps), rank, world)
         state = next(iter(optimizer.state.values()))
         assert type(state["exp_avg"]).__name__ == "DTensor"  # state sharded like its param
         params = full_params(model)
         if rank == 0:
-            torch.save(params, os.path.join(out_dir, f"fsdp_fused{fused}.pt"))
+            torch.save(params, os.path.join(out_dir, f"fsdp_{name}.pt"))
 
 
 def offload_job(rank, world, port, out_dir, steps, device="cpu"):

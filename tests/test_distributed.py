@@ -40,10 +40,15 @@ def assert_same_params(actual, expected):
         torch.testing.assert_close(actual[name], expected[name], msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("fused", [True, None, False], ids=["fused_kernel", "cpu_step", "eager_foreach"])
-def test_fsdp2_training_matches_one_process(tmp_path, single_process_params, fused):
-    spawn(worker.fsdp_job, 2, str(tmp_path), STEPS, fused)
-    assert_same_params(torch.load(tmp_path / f"fsdp_fused{fused}.pt"), single_process_params)
+FSDP_PATHS = {"fused_kernel": dict(fused=True), "cpu_step": dict(fused=None),
+              "eager_foreach": dict(fused=False), "single_tensor": dict(fused=False, foreach=False),
+              "stochastic_rounding_reference": dict(fused=None, bf16_stochastic_round=True)}
+
+
+@pytest.mark.parametrize("name", FSDP_PATHS)
+def test_fsdp2_training_matches_one_process(tmp_path, single_process_params, name):
+    spawn(worker.fsdp_job, 2, str(tmp_path), STEPS, name, FSDP_PATHS[name])
+    assert_same_params(torch.load(tmp_path / f"fsdp_{name}.pt"), single_process_params)
 
 
 def test_fsdp2_cpu_offload_policy_steps_on_the_cpu_shards(tmp_path, single_process_params):
