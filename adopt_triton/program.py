@@ -190,12 +190,15 @@ class GroupProgram:
         ``seed`` keys the random bits (8-bit state, and bf16 stores with
         ``stochastic``)."""
         grads = self.grads
+        del self.grads  # not kept alive past the step
         if self.fused is not None:
             self.fused.run(self._fused_part(grads), hyper, prepared.scalars, scaling, seed, stochastic,
                            prepared.clips)
             _advance(self.advance, self._fused_part(self.tensors.steps), scaling.found_inf)
-        skipped = scaling.found_inf is not None and float(scaling.found_inf) != 0  # read on the host
         eager_positions = self.eager_positions
+        if self.cpu is None and not eager_positions:
+            return  # all fused: found_inf stays on the device, never read here
+        skipped = scaling.found_inf is not None and float(scaling.found_inf) != 0  # read on the host
         if self.cpu is not None and not skipped:
             cpu_grads = [grads[i] for i in self.cpu_positions]
             if not stochastic and self.cpu.run(cpu_grads, prepared.eager_hyper, prepared.host_scalars,
@@ -205,7 +208,6 @@ class GroupProgram:
                 eager_positions = eager_positions + self.cpu_positions
         if eager_positions and not skipped:
             self._run_eager(grads, prepared.eager_hyper, scaling, eager_positions, seed, stochastic)
-        del self.grads
 
     def _run_eager(self, grads, hyper: Hyper, scaling: Scaling, positions: List[int], seed: int,
                    stochastic: bool) -> None:

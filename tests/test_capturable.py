@@ -53,6 +53,31 @@ def test_capturable_step_reads_no_tensor_on_the_host(kernel_device, clip_lambda)
                     [expected.state_of(i) for i in range(len(params))], exact=False)
 
 
+def test_grad_scaler_scale_and_skip_read_nothing_on_the_host(kernel_device):
+    """GradScaler hands the optimizer grad_scale and found_inf: on the fused
+    path both stay on the device (no host read: a CUDA graph can hold the
+    step), the gradient is unscaled in the kernel and an inf step skipped."""
+    params = make_params(kernel_device)
+    expected = ReferenceRun(params)
+    opt = ADOPT(params, lr=torch.tensor(1e-2, device=kernel_device), capturable=True, fused=True)
+    for step in range(10):
+        grads = [wide_grad(p.shape) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = (g * 8).to(kernel_device)  # scaled by 8, exactly
+        opt.grad_scale = torch.tensor(8.0, device=kernel_device)
+        opt.found_inf = torch.tensor(float(step % 4 == 3), device=kernel_device)
+        before = snapshot(opt, params) if step else None
+        with no_host_reads() if step else contextlib.nullcontext():  # the first step allocates state
+            opt.step()
+        if step % 4 == 3:
+            assert_unchanged(opt, params, before)
+        else:
+            expected.step(grads, hyper(lr=1e-2))
+    del opt.grad_scale, opt.found_inf
+    assert_same_run(params, [opt.state[p] for p in params], expected.tensors.params,
+                    [expected.state_of(i) for i in range(len(params))])
+
+
 def test_capturable_matches_the_default_fused_path_bitwise_with_a_float_lr(kernel_device):
     runs = []
     for capturable in (False, True):
