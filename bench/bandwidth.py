@@ -19,10 +19,10 @@ import contextlib
 from typing import NamedTuple
 
 import torch
-import triton
 
-import common
-from adopt_triton.kernels import adopt as kernel
+import common  # first: it sets TRITON_INTERPRET on a CPU machine, before triton is imported
+import triton  # noqa: E402
+from adopt_triton.kernels import adopt as kernel  # noqa: E402
 
 SIZES = [2**k for k in (range(10, 15, 2) if common.SMOKE else range(20, 29, 2))]
 
