@@ -168,14 +168,18 @@ class ADOPT(Optimizer):
 
     @staticmethod
     def _portable_state_dict(optimizer: "ADOPT", state_dict: dict) -> dict:
-        """Record ``fused=True`` as ``fused=None``: torch-adopt raises on
-        ``fused=True``, and a checkpoint should load there too. (Loading into
+        """Record ``fused=True`` as ``fused=None`` and ``capturable=True`` as
+        ``False``: torch-adopt raises on ``fused=True`` and its capturable
+        step asserts that params are on an accelerator, and a checkpoint
+        should load there too, on any device. (Loading into
         ``adopt_triton.ADOPT`` keeps the loader's own flags anyway.) The
         stochastic-rounding seed rides along under its own key, which
         torch.optim loaders ignore."""
         for group in state_dict["param_groups"]:
             if group.get("fused"):
                 group["fused"] = None
+            if group.get("capturable"):
+                group["capturable"] = False
         if optimizer.stochastic_round_seed is not None:
             state_dict["adopt_triton"] = {"stochastic_round_seed": optimizer.stochastic_round_seed}
         return state_dict

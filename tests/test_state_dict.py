@@ -131,3 +131,19 @@ def test_complex_and_float64_state_loads_exactly_and_training_goes_on(dtype, fla
             torch.testing.assert_close(a, b, msg=f"param {index}")
         else:
             assert_bitwise_equal(a, b, f"param {index}")
+
+
+def test_a_capturable_fused_checkpoint_loads_into_torch_adopt_on_the_cpu(kernel_device):
+    """Saved with portable execution flags (fused=None, capturable=False):
+    torch-adopt loads it and steps on the CPU, as after its own checkpoint."""
+    params = fresh_params(kernel_device)
+    ours = ADOPT(params, lr=torch.tensor(1e-2, device=kernel_device), fused=True, capturable=True)
+    train(ours, params, gradient_stream(kernel_device)[:SAVE_AT])
+    checkpoint = through_disk(ours.state_dict())
+    assert checkpoint["param_groups"][0]["fused"] is None and checkpoint["param_groups"][0]["capturable"] is False
+    assert ours.param_groups[0]["capturable"] and ours.param_groups[0]["fused"]  # the optimizer keeps its own
+    theirs_params = [torch.nn.Parameter(p.detach().cpu().clone()) for p in params]
+    theirs = adopt.ADOPT(theirs_params, lr=1e-2)
+    theirs.load_state_dict(checkpoint)
+    train(theirs, theirs_params, [[g.cpu() for g in step] for step in gradient_stream(kernel_device)[SAVE_AT:]])
+    assert all(float(theirs.state[p]["step"]) == TOTAL for p in theirs_params)
