@@ -282,18 +282,19 @@ def write_readme(readme, data):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--impls", default=",".join(IMPLS))
-    parser.add_argument("--threshold", action="store_true")
-    parser.add_argument("--compile-time", action="store_true")
-    parser.add_argument("--eager", action="store_true")
-    parser.add_argument("--numerics", action="store_true")
-    parser.add_argument("--sqrt", action="store_true")
-    parser.add_argument("--readme", nargs="+", metavar=("README", "RESULTS"))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--repeats", type=int, default=7, help="timed steps of each implementation")
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated tensor sets")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="param dtypes")
+    parser.add_argument("--impls", default=",".join(IMPLS), help="implementations to time")
+    parser.add_argument("--threshold", action="store_true", help="per-tensor calls vs the bucket, by size")
+    parser.add_argument("--compile-time", action="store_true", help="first step in fresh processes")
+    parser.add_argument("--eager", action="store_true", help="foreach vs single-tensor (fused=False), by size")
+    parser.add_argument("--numerics", action="store_true", help="distance to the reference and torch-adopt")
+    parser.add_argument("--sqrt", action="store_true", help="the single-tensor path's sqrt: numpy vs float64")
+    parser.add_argument("--readme", nargs="+", metavar=("README", "RESULTS"),
+                        help="write the README's CPU table from RESULTS (default: the newest)")
     args = parser.parse_args()
     if args.readme:
         results = args.readme[1] if len(args.readme) > 1 else sorted(RESULTS_DIR.glob("cpu-step-*.json"))[-1]

@@ -42,7 +42,7 @@ def train(model, optimizer, train_set, epochs, batch_size, log):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(batch)
+            total += loss.item() * len(batch)
         losses.append(total / len(x))
         if log and (epoch == 0 or (epoch + 1) % 5 == 0):
             print(f"  epoch {epoch + 1:3d}  train loss {losses[-1]:.4f}")
