@@ -106,9 +106,11 @@ def random_words(seed: int, key: int, step: int, numel: int, device, *, per_elem
 def round_to_bf16(value: Tensor, random16=None) -> Tensor:
     """float32 -> bf16 rounded to nearest even (as ``tensor.to(torch.bfloat16)``)
     or, given 16 random bits per element, up with probability equal to the
-    discarded fraction; NaNs stay NaN."""
+    discarded fraction; a NaN becomes the canonical 0x7FC0, as in c10's
+    scalar conversion (the rounding bits added to a NaN with a full payload
+    would carry into the sign: -0.0)."""
     bits = value.contiguous().view(torch.int32).to(torch.int64) & _MASK32
-    bits = torch.where(value.isnan(), bits | 0x400000, bits)
+    bits = torch.where(value.isnan(), 0x7FC00000, bits)
     if random16 is None:
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
     else:

@@ -74,7 +74,9 @@ def _store(pointer, value, mask, random_bits, STOCHASTIC: tl.constexpr):
     ops, identically on the GPU and in the interpreter (which truncates)."""
     if pointer.dtype.element_ty == tl.bfloat16:
         bits = value.to(tl.uint32, bitcast=True)
-        bits = tl.where(value != value, bits | 0x400000, bits)  # keep NaNs NaN (quiet bit)
+        # A NaN becomes the canonical 0x7FC0 (c10's scalar conversion's): adding the
+        # rounding bits to a NaN with a full payload would carry into the sign (-0.0).
+        bits = tl.where(value != value, tl.full(bits.shape, 0x7FC00000, tl.uint32), bits)
         if STOCHASTIC:
             bits = bits + (random_bits & 0xFFFF)
         else:

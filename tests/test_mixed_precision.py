@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from adopt_triton import ADOPT
+from adopt_triton import ADOPT, quantize
 from adopt_triton.kernels.adopt import _store
 from harness import ReferenceRun, assert_bitwise_equal, hyper as make_hyper, through_disk, wide_grad
 
@@ -89,12 +89,29 @@ def test_round_to_nearest_even_matches_torch_bit_for_bit(kernel_device, param_dt
 
 
 @triton.jit
-def _stochastic_store_kernel(source_ptr, out_ptr, n, seed, BLOCK: tl.constexpr):
+def _stochastic_store_kernel(source_ptr, out_ptr, n, seed, BLOCK: tl.constexpr, STOCHASTIC: tl.constexpr = True):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
     bits, _, _, _ = tl.philox(seed, offsets.to(tl.uint32), (offsets >> 32).to(tl.uint32),
                               tl.zeros_like(offsets).to(tl.uint32), tl.zeros_like(offsets).to(tl.uint32))
-    _store(out_ptr + offsets, tl.load(source_ptr + offsets, mask=mask), mask, bits, True)
+    _store(out_ptr + offsets, tl.load(source_ptr + offsets, mask=mask), mask, bits, STOCHASTIC)
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+def test_a_nan_of_any_payload_stores_as_the_canonical_bf16_nan(kernel_device, stochastic):
+    """NaNs whose payload fills the mantissa (an fp16 NaN upcast is
+    0x7FFFFFFF) must not carry into the sign when the rounding bits are
+    added: kernel and reference store 0x7FC0 (c10's scalar conversion's NaN;
+    ATen's vectorised CPU one stores 0xFFFF, also a NaN)."""
+    payloads = [0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000, 0xFFC00001, 0x7F800001, 0x7FBFFFFF]
+    source = torch.tensor([p - 2**32 if p >= 2**31 else p for p in payloads] * 512,
+                          dtype=torch.int32).view(torch.float32)
+    out = torch.empty(source.numel(), dtype=torch.bfloat16, device=kernel_device)
+    _stochastic_store_kernel[(1,)](source.to(kernel_device), out, source.numel(), 99, BLOCK=4096,
+                                   STOCHASTIC=stochastic)
+    random16 = torch.randint(0, 2**16, source.shape) if stochastic else None
+    for stored in (out.cpu(), quantize.round_to_bf16(source, random16)):
+        assert stored.view(torch.int16).eq(0x7FC0).all(), stored.view(torch.int16)[:len(payloads)]
 
 
 @pytest.mark.parametrize("value", [1.0 + 2**-10, -3.0 - 5 * 2**-9, 7e-3 + 2**-17, 0.1])

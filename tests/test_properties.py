@@ -9,12 +9,13 @@ nothing changed.
 
 CI runs a fixed, derandomised profile; ``HYPOTHESIS_PROFILE=long`` runs
 many more examples by hand."""
+import math
 import os
 
 import adopt
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from adopt_triton import ADOPT
 from harness import assert_same_run, assert_unchanged, snapshot, wide_grad
@@ -104,8 +105,10 @@ def hostile_event(kind, opt, params):
 
 
 def run(path, scenario, device):
+    formats = scenario.get("formats", {})  # compact storage: the same on both sides
     flags = {"fused": dict(fused=True), "foreach": dict(fused=False, foreach=True),
              "single_tensor": dict(fused=False, foreach=False)}[path]
+    flags = dict(flags, **formats)
     dtype = scenario["dtype"]
     gen = torch.Generator().manual_seed(scenario["seed"])
     params = [make_param(s, layout, dtype, device, gen) for s, layout in zip(scenario["shapes"], scenario["layouts"])]
@@ -115,7 +118,7 @@ def run(path, scenario, device):
     if path == "single_tensor":
         oracle = make_optimizer(adopt.ADOPT, oracle_params, *args, dict(foreach=False))
     else:
-        oracle = make_optimizer(ADOPT, oracle_params, *args, dict(fused=False, foreach=False))
+        oracle = make_optimizer(ADOPT, oracle_params, *args, dict(fused=False, foreach=False, **formats))
     beta1 = scenario["options"]["betas"][0]
     # Unclipped, torch-adopt's CPU sqrt (1 ulp off on ~17% of inputs) is
     # amplified by g / sqrt(v): a looser tolerance for that comparison only.
@@ -154,6 +157,26 @@ def states(optimizer, params, beta1):
     return out
 
 
+FORMATS = [dict(state_dtype=torch.int8), dict(state_dtype=torch.bfloat16), dict(master_weight_bits=24),
+           dict(master_weight_bits=32), dict(state_dtype=torch.int8, master_weight_bits=24)]
+# 8-bit state quantises tensors of 4096 elements or more: some are drawn, in
+# other memory orders too (transposed, channels_last, sliced).
+compact_shapes = shapes | st.sampled_from([(4099,), (64, 65), (2, 33, 8, 8)])
+
+
+@st.composite
+def compact_scenarios(draw):
+    """A fused scenario with compact storage (8-bit state, bf16 state,
+    master weights), stochastic rounding or not, one seed on both sides."""
+    scenario = draw(scenarios("fused"))
+    formats = dict(draw(st.sampled_from(FORMATS)), bf16_stochastic_round=draw(st.booleans()),
+                   stochastic_round_seed=draw(st.integers(0, 2**31 - 1)))
+    dtype = torch.bfloat16 if "master_weight_bits" in formats else \
+        draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    return dict(scenario, formats=formats, dtype=dtype,
+                shapes=[draw(compact_shapes) for _ in scenario["shapes"]])
+
+
 @given(data=st.data())
 def test_fused_kernel_equals_the_reference_bit_for_bit(kernel_device, data):
     run("fused", data.draw(scenarios("fused")), kernel_device)
@@ -167,3 +190,12 @@ def test_foreach_equals_the_reference(data):
 @given(data=st.data())
 def test_single_tensor_path_equals_torch_adopt(data):
     run("single_tensor", data.draw(scenarios("single_tensor")), "cpu")
+
+
+@given(data=st.data())
+def test_fused_kernel_with_compact_storage_equals_the_reference_bit_for_bit(kernel_device, data):
+    scenario = data.draw(compact_scenarios())
+    quantised = scenario["formats"].get("state_dtype") == torch.int8 and \
+        any(math.prod(shape) >= 4096 for shape in scenario["shapes"])
+    event(f"8-bit blocks: {quantised}")
+    run("fused", scenario, kernel_device)
