@@ -220,7 +220,9 @@ def encode_sqrt_exp_avg_sq(root: Tensor, random16=None):
     stochastically rounded given 16 random bits per element (else to
     nearest, for converting checkpoints); a nonzero value never gets code 0."""
     absmax = block_absmax(root)
-    inverse = _per_element(EXP_AVG_SQ_LEVELS / absmax, root.numel())
+    # a correctly rounded division, as the kernel's div_rn (255 / tensor is
+    # torch's reciprocal times 255: two roundings)
+    inverse = _per_element(torch.full_like(absmax, EXP_AVG_SQ_LEVELS) / absmax, root.numel())
     scaled = root * inverse
     scaled = torch.where(scaled == scaled, scaled, 0.0)  # 0 * inf in an all-zero block
     fraction = 0.5 if random16 is None else (random16 & 0xFFFF).to(torch.float32) * 2.0**-16

@@ -2,6 +2,7 @@
 Triton's, 8-bit codes within their step, stochastic rounding unbiased (and
 why it is needed: round-to-nearest freezes v), no nonzero sqrt(v) decoded as
 zero, non-finite blocks, master weights split and joined exactly."""
+import numpy as np
 import pytest
 import torch
 import triton
@@ -34,6 +35,23 @@ def test_philox_in_torch_equals_triton(kernel_device, start):
 def blocks_of(values):
     """Random magnitudes spanning decades, blocks with a few large values."""
     return values.reshape(-1, quantize.QUANT_BLOCK)
+
+
+def test_sqrt_v_codes_use_a_correctly_rounded_inverse_scale():
+    """code = floor(f32(f32(root * f32(255 / max)) + fraction)), each step
+    rounded once, as the kernel computes it (div_rn): numpy's float32 ops
+    as the oracle. ``255 / tensor`` in torch is a reciprocal times 255, two
+    roundings, which moved a code by one where the sum lands on an integer."""
+    gen = torch.Generator().manual_seed(11)
+    root = (torch.rand(64 * 4000, generator=gen) * torch.exp(torch.randn(64 * 4000, generator=gen))).float()
+    random16 = torch.randint(0, 2**16, root.shape, generator=gen)
+    codes, absmax = quantize.encode_sqrt_exp_avg_sq(root, random16)
+    inverse = np.float32(255) / absmax.numpy().astype(np.float32)
+    scaled = root.numpy().reshape(-1, 64) * inverse[:, None]
+    total = scaled + (random16.numpy() & 0xFFFF).astype(np.float32).reshape(-1, 64) * np.float32(2.0**-16)
+    expected = np.minimum(np.floor(total), 255)
+    expected = np.where((expected == 0) & (root.numpy().reshape(-1, 64) > 0), 1, expected)
+    assert (codes.numpy().reshape(-1, 64) == expected.astype(np.uint8)).all()
 
 
 def test_exp_avg_codes_round_to_nearest_within_half_a_code():
