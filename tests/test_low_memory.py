@@ -89,23 +89,36 @@ def test_fused_kernel_equals_the_eager_reference_through_the_optimizer(kernel_de
     dict(state_dtype=torch.bfloat16, master_weight_bits=32, bf16_stochastic_round=True),
 ], ids=["8bit", "8bit-master24-sr", "bf16-master32-sr"])
 def test_checkpoint_round_trip_continues_identically(kernel_device, options):
-    dtype = torch.bfloat16 if "master_weight_bits" in options else torch.float32
-    grads = gradients(12, dtype)
-
     def make(params, seed=11):
         return ADOPT(params, lr=1e-2, fused=True, stochastic_round_seed=seed, **options)
-    straight = make_params(dtype, kernel_device)
+
+    def resume(opt, params):
+        checkpoint = through_disk({"params": [p.detach() for p in params], "opt": opt.state_dict()})
+        resumed = [torch.nn.Parameter(t.clone()) for t in checkpoint["params"]]
+        opt = make(resumed, seed=99)  # the checkpoint's seed wins
+        opt.load_state_dict(checkpoint["opt"])
+        return opt, resumed
+    interrupted_run_equals_straight(make, param_dtype(options), kernel_device, resume)
+
+
+def param_dtype(options):
+    return torch.bfloat16 if "master_weight_bits" in options else torch.float32
+
+
+def interrupted_run_equals_straight(make, dtype, device, interrupt):
+    """``make(params)`` trained 12 steps straight, and again with
+    ``interrupt(opt, params) -> (opt, params)`` after 6 of them: the same
+    params and state, bit for bit."""
+    grads = gradients(12, dtype)
+    straight = make_params(dtype, device)
     straight_opt = make(straight)
     train(straight_opt, straight, grads)
-    resumed = make_params(dtype, kernel_device)
-    opt = make(resumed)
-    train(opt, resumed, grads[:6])
-    checkpoint = through_disk({"params": [p.detach() for p in resumed], "opt": opt.state_dict()})
-    resumed = [torch.nn.Parameter(t.clone()) for t in checkpoint["params"]]
-    opt = make(resumed, seed=99)  # the checkpoint's seed wins
-    opt.load_state_dict(checkpoint["opt"])
-    train(opt, resumed, grads[6:])
-    assert_same_state(opt, resumed, straight_opt, straight)
+    params = make_params(dtype, device)
+    opt = make(params)
+    train(opt, params, grads[:6])
+    opt, params = interrupt(opt, params)
+    train(opt, params, grads[6:])
+    assert_same_state(opt, params, straight_opt, straight)
 
 
 @pytest.mark.parametrize("source", ["torch_adopt", "ours"])
@@ -292,29 +305,23 @@ def test_a_param_whose_layout_changes_under_its_8bit_state_trains_on_identically
     changes memory order mid-run (``p.data = ...``) or is resumed from a
     checkpoint made in the other order keeps reading its blocks right (the
     kernel stages the param instead), and the run equals an unchanged one."""
-    dtype = torch.bfloat16 if "master_weight_bits" in options else torch.float32
     device, fused = {"kernel": (kernel_device, True), "cpu_default": ("cpu", None), "eager": ("cpu", False)}[path]
-    grads = gradients(12, dtype)
 
     def make(params):
         return ADOPT(params, lr=1e-2, weight_decay=0.01, fused=fused, stochastic_round_seed=5, **options)
-    straight = make_params(dtype, device)
-    straight_opt = make(straight)
-    train(straight_opt, straight, grads)
-    changed = make_params(dtype, device)
-    opt = make(changed)
-    train(opt, changed, grads[:6])
-    if change == "param_data":
-        changed[0].data = column_major(changed[0])
-    else:
-        checkpoint = through_disk(opt.state_dict())
-        changed = [torch.nn.Parameter(column_major(p) if i == 0 else p.detach().clone())
-                   for i, p in enumerate(changed)]
-        opt = make(changed)
-        opt.load_state_dict(checkpoint)
-    assert changed[0].stride() != opt.state[changed[0]]["exp_avg"].stride()
-    train(opt, changed, grads[6:])
-    assert_same_state(opt, changed, straight_opt, straight)
+
+    def relayout(opt, params):
+        if change == "param_data":
+            params[0].data = column_major(params[0])
+        else:
+            checkpoint = through_disk(opt.state_dict())
+            params = [torch.nn.Parameter(column_major(p) if i == 0 else p.detach().clone())
+                      for i, p in enumerate(params)]
+            opt = make(params)
+            opt.load_state_dict(checkpoint)
+        assert params[0].stride() != opt.state[params[0]]["exp_avg"].stride()
+        return opt, params
+    interrupted_run_equals_straight(make, param_dtype(options), device, relayout)
 
 
 def test_8bit_codes_in_another_layout_than_their_param_decode_right():
