@@ -135,8 +135,9 @@ def fingerprint(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor
     """Everything a cached step's checks and launch tables depend on, for
     local (not DTensor) tensors, in a few C-level passes: every address;
     the params' shapes, strides and dtypes; the gradients' sizes, strides
-    and dtypes (``p.grad.data = ...`` can change any of them). States and steps are kept alive by whoever caches, so their
-    addresses cannot be reused by new tensors. The gradients' addresses
+    and dtypes (``p.grad.data = ...`` can change any of them). States and
+    steps are kept alive by whoever caches, so their addresses cannot be
+    reused by new tensors. The gradients' addresses
     come last: they alone may change with no rebuild
     (``FusedStep.with_grad_addresses``).
     (``keys`` are fixed when the cache is built.)"""
